@@ -1,0 +1,80 @@
+"""Hook points: every activation location of the transformer, with its named dimensions.
+
+The model calls `hooks(location, layer, x)` at each location below and continues with whatever
+tensor comes back. A hook may read `x`, register a gradient hook on it, detach it (to stop
+gradients, e.g. freezing a layer-norm scale), or return an edited copy (ablation). Layer is None
+for locations outside the blocks (`resid.embed`, `ln_f.scale`, `logits`).
+
+This is the idea of TDB's component registry without its enum sprawl: one table of names.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+
+# location -> named dimensions of the tensor passed to hooks at that location.
+# "key" is the attended-to token; "kv_head" is a key/value head (grouped-query attention).
+LOCATIONS: dict[str, tuple[str, ...]] = {
+    "resid.embed": ("batch", "token", "d_model"),  # token (+ position) embedding; block 0 input
+    "resid.pre": ("batch", "token", "d_model"),  # input of block L
+    "ln1.scale": ("batch", "token", "one"),  # σ (LayerNorm) or rms (RMSNorm) before attention
+    "attn.q": ("batch", "token", "head", "d_head"),  # after rotary
+    "attn.k": ("batch", "token", "kv_head", "d_head"),  # after rotary
+    "attn.v": ("batch", "token", "kv_head", "d_head"),
+    "attn.logits": ("batch", "head", "token", "key"),  # scaled by 1/sqrt(d_head); masked = -inf
+    "attn.probs": ("batch", "head", "token", "key"),
+    "attn.z": ("batch", "token", "head", "d_head"),  # sum_u A[t,u] v[u], per head
+    "attn.out": ("batch", "token", "d_model"),  # attention's write to the residual (with bias)
+    "resid.mid": ("batch", "token", "d_model"),  # resid.pre + attn.out
+    "ln2.scale": ("batch", "token", "one"),
+    "mlp.pre": ("batch", "token", "d_mlp"),  # pre-activation (the gate branch for GLU MLPs)
+    "mlp.post": ("batch", "token", "d_mlp"),  # what W_out reads (act(gate) * up for GLU)
+    "mlp.out": ("batch", "token", "d_model"),  # MLP's write to the residual (with bias)
+    "resid.post": ("batch", "token", "d_model"),  # output of block L
+    "ln_f.scale": ("batch", "token", "one"),
+    "logits": ("batch", "token", "vocab"),
+    # autoencoders spliced into the forward (present only when one is attached at that site)
+    "sae.mlp.latent": ("batch", "token", "latent"),
+    "sae.mlp.error": ("batch", "token", "d_mlp"),
+    "sae.attn.latent": ("batch", "token", "latent"),
+    "sae.attn.error": ("batch", "token", "d_model"),
+    "sae.resid.latent": ("batch", "token", "latent"),
+    "sae.resid.error": ("batch", "token", "d_model"),
+}
+
+GLOBAL_LOCATIONS = frozenset({"resid.embed", "ln_f.scale", "logits"})
+
+Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class HookSet:
+    """Hooks keyed by (location, layer); called in registration order."""
+
+    def __init__(self) -> None:
+        self._hooks: dict[tuple[str, int | None], list[Hook]] = defaultdict(list)
+
+    def add(self, location: str, layer: int | None, hook: Hook) -> None:
+        if location not in LOCATIONS:
+            raise KeyError(f"unknown hook location {location!r}")
+        if (location in GLOBAL_LOCATIONS) != (layer is None):
+            raise ValueError(f"{location!r} takes layer={'None' if location in GLOBAL_LOCATIONS else 'an int'}")
+        self._hooks[(location, layer)].append(hook)
+
+    def has(self, location: str, layer: int | None) -> bool:
+        return (location, layer) in self._hooks
+
+    def keys(self) -> Iterable[tuple[str, int | None]]:
+        return self._hooks.keys()
+
+    def __call__(self, location: str, layer: int | None, x: torch.Tensor) -> torch.Tensor:
+        for hook in self._hooks.get((location, layer), ()):
+            out = hook(x)
+            if out is not None:
+                x = out
+        return x
+
+
+NO_HOOKS = HookSet()

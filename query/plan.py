@@ -1,0 +1,363 @@
+"""The plan IR: the contract between grammar/, query/ and executor/.
+
+Every statement of the language parses to one frozen pydantic model below. Plans are immutable,
+hashable, and round-trip through JSON (`Statement` is a discriminated union on `kind`). This
+module imports nothing of ours.
+
+Conventions
+- Layers, heads, neurons and latents are 0-based. Token positions may be negative (from the end).
+- `Range(lo, hi)` is inclusive at both ends, like SQL's BETWEEN.
+- Components name the kind of node a row describes (see `Component`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Node(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- names shared by grammar, binder and executor -------------------------------------------
+
+# Kinds of node a query ranks. `attn` is one row per (query token, key token, head); `head` is
+# attention summed over keys, one row per (query token, head); `embed` is the token embedding.
+Component = Literal["mlp", "attn", "head", "mlp_sae", "attn_sae", "resid_sae", "embed", "resid"]
+NODE_COMPONENTS: tuple[str, ...] = ("mlp", "attn", "head", "mlp_sae", "attn_sae", "resid_sae", "embed")
+DEFAULT_COMPONENTS: tuple[str, ...] = ("mlp", "attn")
+
+# Where an autoencoder reads: MLP post-activations, the attention output, the residual stream.
+SaeSite = Literal["mlp", "attn", "resid"]
+
+SCALARS: tuple[str, ...] = (
+    "act",
+    "grad",
+    "act_times_grad",
+    "write_norm",
+    "direct_effect",
+    "contribution",
+    "token_attribution",
+    "sae_error",
+    "in_edge",
+    "attrib_patch",
+)
+
+# Fields a `where` clause may test on node rows (scalar names are allowed too, see Condition).
+NODE_FIELDS: tuple[str, ...] = ("layer", "token", "attended", "head", "unit", "prompt", "component")
+GROUP_KEYS: tuple[str, ...] = ("layer", "token", "prompt", "component")
+Reduction = Literal["mean", "sum", "max"]
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+
+class Range(Node):
+    """Inclusive integer range `lo..hi`."""
+
+    lo: int
+    hi: int
+
+
+Scalar = int | float | str | bool
+
+
+class Condition(Node):
+    """`field op value`, e.g. `layer in 3..7`, `token = -1`, `head in (1, 3)`, `act > 0`."""
+
+    field: str
+    op: Literal["=", "!=", "<", "<=", ">", ">=", "in"]
+    value: int | float | str | Range | tuple[int, ...]
+
+
+class NodeRef(Node):
+    """`mlp[L,N]`, `attn[L,H]`, `sae[L,I]` (or `mlp_sae[..]`/`attn_sae[..]`/`resid_sae[..]`),
+    `resid[L]`, each with an optional `@token`; attention may name a key token with `@t:u`.
+
+    `index` is None only for `resid`. `token` None means every token.
+    """
+
+    component: Literal["mlp", "attn", "mlp_sae", "attn_sae", "resid_sae", "resid"]
+    layer: int
+    index: int | None = None
+    token: int | None = None
+    key: int | None = None
+
+
+class ScalarSpec(Node):
+    """A scalar to compute, with optional parameters: `contribution(norm=2)`."""
+
+    name: str
+    params: tuple[tuple[str, Scalar], ...] = ()
+
+    def param(self, key: str, default: Scalar | None = None) -> Scalar | None:
+        return dict(self.params).get(key, default)
+
+
+class Ablation(Node):
+    """`mlp[3,1024]=0`, `attn[2,5]@4=0`, `sae[1,7]=mean` (the mean over the prompt set)."""
+
+    node: NodeRef
+    value: float | Literal["mean"]
+
+
+class Trace(Node):
+    """`trace mlp[5,100]@7` or `trace attn[3,2]@7:4 via q`: replace the loss by the node's
+    pre-activation (layer-norm scale detached). Attention traces the QK logit and may be
+    restricted to the Q, K or V path."""
+
+    node: NodeRef
+    via: Literal["q", "k", "qk", "v"] | None = None
+
+
+class Loss(Node):
+    """`target " Mary" vs " John"` (logit difference, lists averaged as TDB does),
+    `target logprob " Mary"`. Token strings must each be a single token (checked when binding)."""
+
+    kind: Literal["logit_diff", "logprob"] = "logit_diff"
+    targets: tuple[str, ...]
+    distractors: tuple[str, ...] = ()
+
+
+# --- statements -------------------------------------------------------------------------------
+
+
+class ModelStmt(Node):
+    kind: Literal["model"] = "model"
+    name: str  # a registry name (gpt2-small), a local HF folder, a hub id, or "default"
+    dtype: Dtype | None = None
+    device: str | None = None
+
+
+class SaeStmt(Node):
+    kind: Literal["sae"] = "sae"
+    site: SaeSite
+    path: str
+
+
+class PromptStmt(Node):
+    kind: Literal["prompt"] = "prompt"
+    texts: tuple[str, ...]
+
+
+class PromptsFromFile(Node):
+    """`prompts from 'ioi.jsonl'` (jsonl/csv/parquet; columns prompt, target, distractor)."""
+
+    kind: Literal["prompts_file"] = "prompts_file"
+    path: str
+
+
+class PromptsFromSql(Node):
+    """`prompts from (select text as prompt from t limit 100)`."""
+
+    kind: Literal["prompts_sql"] = "prompts_sql"
+    sql: str
+
+
+class TargetStmt(Node):
+    kind: Literal["target"] = "target"
+    loss: Loss
+
+
+class SetStmt(Node):
+    """`set batch_size = 16`, `set freeze_ln_f = off`, `set device = 'cuda'`."""
+
+    kind: Literal["set"] = "set"
+    name: str
+    value: Scalar
+
+
+class NodeQuery(Node):
+    """`topk 20 act_times_grad, act of mlp, attn where layer in 3..7 by layer
+    ablate mlp[3,1024]=0 trace mlp[5,100]@7 over prompts mean as t`.
+
+    mode `select` returns dense rows (k is None). The first scalar ranks; all are reported.
+    Empty `components` means the defaults for the session (DEFAULT_COMPONENTS plus SAE
+    components that are loaded).
+    """
+
+    kind: Literal["nodes"] = "nodes"
+    mode: Literal["topk", "bottomk", "select"]
+    k: int | None = None
+    scalars: tuple[ScalarSpec, ...]
+    components: tuple[Component, ...] = ()
+    where: tuple[Condition, ...] = ()
+    by: tuple[Literal["layer", "token", "prompt", "component"], ...] = ()
+    ablations: tuple[Ablation, ...] = ()
+    trace: Trace | None = None
+    over_prompts: Reduction | None = None
+    target: Loss | None = None  # overrides the session target for this query
+    name: str | None = None
+
+
+class LogitsQuery(Node):
+    """`logits where token = -1 topk 10`; `logprobs ...` sets `logprobs`."""
+
+    kind: Literal["logits"] = "logits"
+    k: int = 10
+    where: tuple[Condition, ...] = ()
+    ablations: tuple[Ablation, ...] = ()
+    name: str | None = None
+
+
+class LogitLensQuery(Node):
+    """`logit_lens where token = -1 and layer in 2..3 topk 5 [ln_f off] [at resid.mid]`.
+
+    Rows per (prompt, layer, position, top-k vocab item), with the rank change against the
+    previous location."""
+
+    kind: Literal["logit_lens"] = "logit_lens"
+    k: int = 10
+    where: tuple[Condition, ...] = ()
+    use_ln_f: bool = True
+    at: Literal["resid.pre", "resid.mid", "resid.post"] = "resid.post"
+    ablations: tuple[Ablation, ...] = ()
+    name: str | None = None
+
+
+class UpvotedQuery(Node):
+    """`upvoted mlp[3,100] topk 10`, `upvoted attn[2,5]@-1`, `upvoted block[3]`: tokens a node's
+    write promotes (and demotes: bottomk) through the unembedding. `raw` uses the output row
+    without the activation."""
+
+    kind: Literal["upvoted"] = "upvoted"
+    node: NodeRef
+    k: int = 10
+    bottom: bool = False
+    raw: bool = False
+    name: str | None = None
+
+
+class RoutesQuery(Node):
+    """`routes threshold 0.04 renormalize on from token -1 mode heads`: LLM-TT's graph."""
+
+    kind: Literal["routes"] = "routes"
+    threshold: float = 0.04
+    renormalize: bool = False
+    from_token: int | None = None
+    threshold_mode: Literal["cell", "edge"] = "edge"
+    norm: Literal[1, 2] = 1
+    name: str | None = None
+
+
+class SqlStmt(Node):
+    """Anything that starts with a SQL keyword goes to DuckDB unchanged."""
+
+    kind: Literal["sql"] = "sql"
+    text: str
+
+
+Query = Annotated[
+    Union[NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery],
+    Field(discriminator="kind"),
+]
+
+
+class ExplainStmt(Node):
+    kind: Literal["explain"] = "explain"
+    query: Query
+
+
+Statement = Annotated[
+    Union[
+        ModelStmt,
+        SaeStmt,
+        PromptStmt,
+        PromptsFromFile,
+        PromptsFromSql,
+        TargetStmt,
+        SetStmt,
+        NodeQuery,
+        LogitsQuery,
+        LogitLensQuery,
+        UpvotedQuery,
+        RoutesQuery,
+        ExplainStmt,
+        SqlStmt,
+    ],
+    Field(discriminator="kind"),
+]
+
+
+class Program(Node):
+    statements: tuple[Statement, ...]
+
+
+class Span(Node):
+    """Where a statement came from: kept beside the IR (not in it) so equal plans hash equal."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+    start_pos: int
+    end_pos: int
+
+
+# --- what the binder needs to know about a loaded model -----------------------------------------
+
+
+class ModelInfo(Node):
+    """The shape of a loaded model, as the binder sees it (built by the executor)."""
+
+    name: str
+    arch: str
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    vocab_size: int
+    n_ctx: int
+    sae_latents: tuple[tuple[SaeSite, int, int], ...] = ()  # (site, layer, n_latents)
+
+
+class PromptRow(Node):
+    """One prompt as the executor receives it; target/distractor override the session loss."""
+
+    prompt_id: int
+    text: str
+    target: str | None = None
+    distractor: str | None = None
+
+
+# --- the one error type users see -------------------------------------------------------------
+
+
+class TdbqlError(Exception):
+    """A user-facing error: bad syntax, a name that does not bind, impossible work.
+
+    `str(err)` is the whole message a user sees: `line:col: message`, the source line with a
+    caret under the column, and `did you mean ...?` when a nearest valid name is known. The CLI
+    prefixes the file name. Raised by the parser, the binder, the session and the executor;
+    nothing else may reach a user unless --debug.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int | None = None,
+        column: int | None = None,
+        source: str | None = None,
+        suggestion: str | None = None,
+    ) -> None:
+        self.message = message
+        self.line = line
+        self.column = column
+        self.source = source
+        self.suggestion = suggestion
+        super().__init__(self.render())
+
+    def render(self, filename: str | None = None) -> str:
+        where = ""
+        if self.line is not None:
+            where = f"{self.line}:{self.column or 1}: "
+        if filename:
+            where = f"{filename}:{where}" if where else f"{filename}: "
+        text = f"{where}{self.message}"
+        if self.suggestion:
+            text += f"; did you mean '{self.suggestion}'?"
+        if self.source is not None and self.line is not None:
+            src_line = self.source.splitlines()[self.line - 1] if self.source.splitlines() else ""
+            text += f"\n    {src_line}\n    {' ' * ((self.column or 1) - 1)}^"
+        return text
