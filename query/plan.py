@@ -25,7 +25,9 @@ class Node(BaseModel):
 
 # Kinds of node a query ranks. `attn` is one row per (query token, key token, head); `head` is
 # attention summed over keys, one row per (query token, head); `embed` is the token embedding.
-Component = Literal["mlp", "attn", "head", "mlp_sae", "attn_sae", "resid_sae", "embed", "resid"]
+# `sae` is what a user writes for "the loaded autoencoders"; the binder replaces it by
+# mlp_sae/attn_sae/resid_sae, so bound plans never contain it.
+Component = Literal["mlp", "attn", "head", "mlp_sae", "attn_sae", "resid_sae", "embed", "resid", "sae"]
 NODE_COMPONENTS: tuple[str, ...] = ("mlp", "attn", "head", "mlp_sae", "attn_sae", "resid_sae", "embed")
 DEFAULT_COMPONENTS: tuple[str, ...] = ("mlp", "attn")
 
@@ -74,10 +76,12 @@ class NodeRef(Node):
     """`mlp[L,N]`, `attn[L,H]`, `sae[L,I]` (or `mlp_sae[..]`/`attn_sae[..]`/`resid_sae[..]`),
     `resid[L]`, each with an optional `@token`; attention may name a key token with `@t:u`.
 
-    `index` is None only for `resid`. `token` None means every token.
+    `index` is None only for `resid` and `block`, and in `upvoted`, where `mlp[L]` / `attn[L]`
+    name the sublayer's whole write and `block[L]` the layer's whole update
+    (resid.post - resid.pre). `token` None means every token.
     """
 
-    component: Literal["mlp", "attn", "mlp_sae", "attn_sae", "resid_sae", "resid"]
+    component: Literal["mlp", "attn", "mlp_sae", "attn_sae", "resid_sae", "resid", "sae", "block"]  # sae: unbound
     layer: int
     index: int | None = None
     token: int | None = None
@@ -194,6 +198,7 @@ class LogitsQuery(Node):
     """`logits where token = -1 topk 10`; `logprobs ...` sets `logprobs`."""
 
     kind: Literal["logits"] = "logits"
+    logprobs: bool = False
     k: int = 10
     where: tuple[Condition, ...] = ()
     ablations: tuple[Ablation, ...] = ()

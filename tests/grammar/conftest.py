@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+import pytest
+from lang_helpers import fake_tokenize, tiny_model_info
+
+from tdbql.query.plan import ModelInfo
+
+
+@pytest.fixture
+def tiny_info() -> ModelInfo:
+    return tiny_model_info()
+
+
+@pytest.fixture
+def tokenize():
+    return fake_tokenize

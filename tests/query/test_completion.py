@@ -1,0 +1,123 @@
+"""Completion: what may come next, from the LALR parser's accepted terminals plus names."""
+
+from __future__ import annotations
+
+import pytest
+
+from tdbql.query.completion import complete
+
+TABLES = ["prompts", "tokens", "q1"]
+COLUMNS = ["layer", "act", "prompt_id"]
+SCALARS = ("act", "grad", "act_times_grad", "write_norm", "direct_effect", "contribution")
+
+
+def at_end(text: str, **names) -> list[str]:
+    kwargs = {"scalars": SCALARS, "tables": TABLES, "columns": COLUMNS} | names
+    return complete(text, len(text), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("to", ["topk"]),
+        ("lo", ["logit_lens", "logits", "logprobs", "load"]),
+        ("topk 5 ", list(SCALARS)),
+        ("topk 5 act_", ["act_times_grad"]),
+        ("TOPK 5 ACT_T", ["act_times_grad"]),
+        ("topk 5 act ", ["ablate", "as", "by", "of", "over", "target", "trace", "where"]),
+        ("topk 5 act w", ["where"]),
+        ("topk 5 act, ", list(SCALARS)),
+        ("topk 5 act of ", ["mlp", "attn", "head", "sae", "mlp_sae", "attn_sae", "resid_sae", "embed"]),
+        ("topk 5 act of mlp, a", ["attn", "attn_sae"]),
+        ("topk 5 act of mlp ", ["ablate", "as", "by", "over", "target", "trace", "where"]),
+        ("topk 5 act where la", ["layer"]),
+        ("topk 5 act where layer ", ["between", "in"]),
+        ("topk 5 act where layer = 1 ", ["ablate", "and", "as", "by", "of", "over", "target", "trace"]),
+        ("topk 5 act where layer = 1 and t", ["token"]),
+        ("topk 5 act where component = ", ["mlp", "attn", "head", "sae", "mlp_sae", "attn_sae", "resid_sae", "embed"]),
+        ("topk 5 act where layer = ", []),
+        ("topk 5 act by ", ["layer", "token", "prompt", "component"]),
+        ("topk 5 act ablate ", ["mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae", "resid", "block"]),
+        ("topk 5 act ablate mlp[1,2]=", ["mean"]),
+        ("topk 5 act ablate mlp[1,2]=0 ", ["as", "by", "of", "over", "target", "trace", "where"]),
+        ("logits topk 3 ", ["ablate", "as", "where"]),
+        ("topk 5 act trace attn[1,2]@3 ", ["ablate", "as", "by", "of", "over", "target", "via", "where"]),
+        ("topk 5 act trace attn[1,2]@3 via ", ["q", "k", "qk", "v"]),
+        ("topk 5 act over ", ["prompts"]),
+        ("topk 5 act over prompts ", ["mean", "sum", "max"]),
+        ("topk 5 act target ", ["logprob"]),
+        ("topk 5 contribution(", ["norm"]),
+        ("topk 5 act as ", []),
+        ("select act of ", ["mlp", "attn", "head", "sae", "mlp_sae", "attn_sae", "resid_sae", "embed"]),
+        ("logits ", ["ablate", "as", "topk", "where"]),
+        ("logits where ", ["token", "prompt"]),
+        ("logit_lens where ", ["layer", "token", "prompt"]),
+        ("logit_lens ", ["ablate", "as", "at", "ln_f", "topk", "where"]),
+        ("logit_lens at ", ["resid.pre", "resid.mid", "resid.post"]),
+        ("logit_lens ln_f ", ["on", "off"]),
+        ("upvoted mlp[1,2] ", ["as", "bottomk", "raw", "topk"]),
+        ("routes ", ["as", "from", "mode", "norm", "renormalize", "threshold"]),
+        ("routes mode ", ["cell", "edge"]),
+        ("routes from ", ["token"]),
+        ("model x ", ["device", "dtype"]),
+        ("model x dtype=", ["fp32", "bf16", "fp16"]),
+        ("sae ", ["mlp", "attn", "resid"]),
+        ("sae mlp ", ["from"]),
+        ("prompts ", ["from"]),
+        ("target ' Mary' ", ["vs"]),
+        ("explain ", ["bottomk", "logit_lens", "logits", "logprobs", "routes", "select", "topk", "upvoted", "analyze", "with"]),
+        ("explain topk 5 act o", ["of", "over"]),
+    ],
+)
+def test_dsl_completions(text, expected):
+    assert at_end(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("select * from ", TABLES),
+        ("select * from q", ["q1"]),
+        ("SELECT * FROM t", ["tokens"]),
+        ("select * from q1 join ", TABLES),
+        ("select * from q1 where l", ["layer", "limit"]),
+        ("describe ", TABLES),
+        ("prompts from (select * from ", TABLES),
+        ("prompts from (select text as prompt from prompts where p", ["prompt_id", "prompts"]),
+        ("select a", ["act", "act_times_grad", "as", "and", "avg", "asc"]),
+    ],
+)
+def test_sql_completions(text, expected):
+    assert at_end(text) == expected
+
+
+def test_statement_start_offers_tdbql_and_sql_keywords():
+    words = at_end("")
+    assert {"topk", "select", "logits", "model", "with", "create", "describe"} <= set(words)
+    assert words.index("topk") < words.index("create")  # tdbql words first
+
+
+def test_completion_uses_only_the_current_statement():
+    assert at_end("model default; topk 5 act ") == at_end("topk 5 act ")
+    assert at_end("select * from q1;\ntopk 3 g") == ["grad"]
+    assert at_end("topk 5 act\n  where la") == ["layer"]
+
+
+def test_cursor_in_the_middle_completes_the_word_before_it():
+    text = "topk 5 act_ of mlp"
+    assert complete(text, len("topk 5 act_"), scalars=SCALARS, tables=(), columns=()) == ["act_times_grad"]
+
+
+def test_names_come_from_the_providers():
+    assert at_end("topk 5 ", scalars=("my_scalar",)) == ["my_scalar"]
+    assert at_end("select * from ", tables=["runs"]) == ["runs"]
+    assert at_end("topk 5 act of ", components=("mlp", "attn")) == ["mlp", "attn"]
+
+
+def test_exact_word_is_not_offered_again():
+    assert at_end("topk 5 act where layer") == []
+
+
+@pytest.mark.parametrize("text", ["topk 5", "prompt 'abc", "topk 5 act where layer = 'x", "topk ((", "topk 5 act ]] ", "@@@"])
+def test_nothing_to_offer_gives_an_empty_list(text):
+    assert at_end(text) == []
