@@ -1,0 +1,403 @@
+"""Vocabulary projections: the logit lens and upvoted (scored) tokens.
+
+logit_lens: unembed(ln_f(x)) (or unembed(x) with `ln_f off`) of a residual state x at
+resid.pre / resid.mid / resid.post of each layer; the top k tokens per (prompt, position,
+layer), with their rank change against the residual state just before x in the stream
+(resid.post[l] <- resid.mid[l] <- resid.pre[l] = resid.post[l-1]), as LLM-TT's "Top Tokens".
+Ranks are 1-based over the whole vocabulary; rank_change = previous rank - rank (positive: rose).
+
+upvoted: a node's write w to the residual stream scored as w @ (W_U * gamma_f) minus the mean
+over the vocabulary (TDB §3 "scored tokens"; gamma_f = the final norm's weight, no bias).
+Nodes: a neuron mlp[L,N] (activation-scaled write, or the raw W_out row with `raw`), a head
+attn[L,H] (its output at the token, or one key's share with @t:u; `raw` with a key: v[u] W_O[h]
+without the attention weight), an autoencoder latent (z * decoder row, or the raw row), and
+whole-block updates: mlp[L] / attn[L] (index omitted: the sublayer's write, biases included) and
+block[L] (resid.post - resid.pre of layer L).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pyarrow as pa
+import torch
+
+from tdbql.executor import contrib
+from tdbql.executor.contrib import AddHooks
+from tdbql.executor.hooks import NO_HOOKS, HookSet
+from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, PromptRow, Range, TdbqlError, UpvotedQuery
+
+LENS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int64()),
+        ("position", pa.int64()),
+        ("layer", pa.int64()),
+        ("vocab_id", pa.int64()),
+        ("token", pa.string()),
+        ("logit", pa.float64()),
+        ("prob", pa.float64()),
+        ("rank", pa.int64()),
+        ("rank_change", pa.int64()),
+    ]
+)
+UPVOTED_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int64()),
+        ("layer", pa.int64()),
+        ("component", pa.string()),
+        ("unit", pa.int64()),
+        ("position", pa.int64()),
+        ("attended", pa.int64()),
+        ("vocab_id", pa.int64()),
+        ("token", pa.string()),
+        ("score", pa.float64()),
+        ("rank", pa.int64()),
+    ]
+)
+LENS_FIELDS = ("layer", "token", "prompt")
+
+
+# --- where clauses on layer / token / prompt -----------------------------------------------------
+
+
+def _resolve(value: int, n: int | None) -> int:
+    """Negative token values count from the end of the prompt."""
+    return value + n if (n is not None and value < 0) else value
+
+
+def condition_mask(cond: Condition, values: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Bool mask of `values` satisfying `cond` (token values resolved against length n)."""
+    v = cond.value
+    if cond.op == "in":
+        if isinstance(v, Range):
+            return (values >= _resolve(v.lo, n)) & (values <= _resolve(v.hi, n))
+        if isinstance(v, tuple):
+            return torch.isin(values, torch.tensor([_resolve(x, n) for x in v], dtype=values.dtype))
+        raise TdbqlError(f"'{cond.field} in' needs a range or a list, not {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TdbqlError(f"{cond.field} {cond.op} needs an integer, not {v!r}")
+    target = _resolve(v, n)
+    ops: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "=": lambda x: x == target,
+        "!=": lambda x: x != target,
+        "<": lambda x: x < target,
+        "<=": lambda x: x <= target,
+        ">": lambda x: x > target,
+        ">=": lambda x: x >= target,
+    }
+    return ops[cond.op](values)
+
+
+def _filter(conds: Sequence[Condition], name: str, values: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    keep = torch.ones(len(values), dtype=torch.bool)
+    for cond in conds:
+        if cond.field == name:
+            keep &= condition_mask(cond, values, n)
+    return values[keep]
+
+
+def _check_fields(conds: Sequence[Condition], allowed: Sequence[str], what: str) -> None:
+    for cond in conds:
+        if cond.field not in allowed:
+            raise TdbqlError(f"{what} can be filtered by {', '.join(allowed)}, not {cond.field!r}")
+
+
+# --- unembedding helpers --------------------------------------------------------------------------
+
+
+def unembed(model, x: torch.Tensor, *, use_ln_f: bool = True) -> torch.Tensor:
+    """Logits of residual states x [..., d_model], through the final norm or not."""
+    if use_ln_f:
+        x = model.ln_f(x, NO_HOOKS, "ln_f.scale", None)
+    logits = x.to(model.W_U.dtype) @ model.W_U
+    if model.b_U is not None:
+        logits = logits + model.b_U
+    return logits.float()
+
+
+def ranks_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """1-based rank of ids [..., k] within logits [..., V] (1 + how many are strictly larger)."""
+    chosen = logits.gather(-1, ids)
+    return 1 + (logits[..., None, :] > chosen[..., :, None]).sum(-1)
+
+
+def scored_tokens_matrix(model) -> torch.Tensor:
+    """W_U * gamma_f: [d_model, vocab], the write-to-score map of TDB's upvoted tokens."""
+    return (model.W_U * model.final_norm_weight[:, None]).float()
+
+
+def score_writes(model, writes: torch.Tensor) -> torch.Tensor:
+    """writes [..., d_model] -> scores [..., vocab], vocab mean removed."""
+    scores = writes.float() @ scored_tokens_matrix(model)
+    return scores - scores.mean(-1, keepdim=True)
+
+
+# --- logit lens -------------------------------------------------------------------------------------
+
+
+_PREVIOUS = {"resid.post": "resid.mid", "resid.mid": "resid.pre", "resid.pre": None}
+
+
+def logit_lens(
+    loaded,
+    query: LogitLensQuery,
+    prompts: Sequence[PromptRow],
+    *,
+    add_hooks: AddHooks | None = None,
+) -> pa.Table:
+    """Top-k lens rows per (prompt, position, layer) at `query.at`; add_hooks applies ablations."""
+    _check_fields(query.where, LENS_FIELDS, "logit_lens")
+    if query.ablations and add_hooks is None:
+        raise TdbqlError("logit_lens with ablations must be run by the engine (it installs the ablation hooks)")
+    if query.k < 1:
+        raise TdbqlError(f"logit_lens topk must be at least 1, not {query.k}")
+    model = loaded.model
+    n_layers = loaded.info().n_layers
+    layers = _filter(query.where, "layer", torch.arange(n_layers)).tolist()
+    prompt_ids = set(_filter(query.where, "prompt", torch.tensor([p.prompt_id for p in prompts], dtype=torch.long)).tolist())
+    chosen = [p for p in prompts if p.prompt_id in prompt_ids]
+    parts: list[pa.Table] = []
+    k = min(query.k, loaded.info().vocab_size)
+    for batch in contrib.batches(loaded, chosen):
+        states = _capture_residuals(loaded, batch, layers, query.at, add_hooks)
+        for row, n in enumerate(batch.lengths):
+            positions = _filter(query.where, "token", torch.arange(n), n)
+            if len(positions) == 0:
+                continue
+            for layer in layers:
+                parts.append(_lens_rows(loaded, batch, row, layer, positions, states, query, k))
+    return _concat(parts, LENS_SCHEMA)
+
+
+def _capture_residuals(loaded, batch, layers, at, add_hooks) -> dict[tuple[str, int], torch.Tensor]:
+    """Residual states at `at` and their predecessors, for the chosen layers."""
+    wanted: set[tuple[str, int]] = set()
+    for layer in layers:
+        wanted.add((at, layer))
+        prev = _previous_location(at, layer)
+        if prev is not None:
+            wanted.add(prev)
+    states: dict[tuple[str, int], torch.Tensor] = {}
+    hooks = HookSet()
+    if add_hooks is not None:
+        add_hooks(hooks, batch)
+    for loc, layer in sorted(wanted, key=lambda x: (x[1], x[0])):
+        hooks.add(loc, layer, _store(states, (loc, layer)))
+    with torch.no_grad():
+        loaded.model(batch.input_ids, attention_mask=batch.attention_mask, hooks=hooks)
+    return states
+
+
+def _store(states: dict, key) -> Callable[[torch.Tensor], None]:
+    def save(x: torch.Tensor) -> None:
+        states[key] = x.detach()
+
+    return save
+
+
+def _previous_location(at: str, layer: int) -> tuple[str, int] | None:
+    """The residual state just before (at, layer): resid.pre[l] = resid.post[l-1], preceded by resid.mid[l-1]."""
+    prev = _PREVIOUS[at]
+    if prev is not None:
+        return (prev, layer)
+    return ("resid.mid", layer - 1) if layer > 0 else None
+
+
+def _lens_rows(loaded, batch, row, layer, positions, states, query: LogitLensQuery, k: int) -> pa.Table:
+    model = loaded.model
+    x = states[(query.at, layer)][row, positions]  # [P, d]
+    logits = unembed(model, x, use_ln_f=query.use_ln_f)  # [P, V]
+    top_logits, top_ids = logits.topk(k, dim=-1)  # [P, k]
+    probs = logits.softmax(-1).gather(-1, top_ids)
+    ranks = ranks_of(logits, top_ids)
+    prev_key = _previous_location(query.at, layer)
+    if prev_key is None:
+        change = None
+    else:
+        prev_logits = unembed(model, states[prev_key][row, positions], use_ln_f=query.use_ln_f)
+        change = (ranks_of(prev_logits, top_ids) - ranks).reshape(-1)
+    n_rows = top_ids.numel()
+    ids = top_ids.reshape(-1).tolist()
+    return pa.table(
+        {
+            "prompt_id": pa.array([batch.prompt_ids[row]] * n_rows, pa.int64()),
+            "position": pa.array(positions[:, None].expand(-1, k).reshape(-1).numpy(), pa.int64()),
+            "layer": pa.array([layer] * n_rows, pa.int64()),
+            "vocab_id": pa.array(ids, pa.int64()),
+            "token": pa.array([loaded.token_str(i) for i in ids], pa.string()),
+            "logit": pa.array(top_logits.reshape(-1).double().cpu().numpy()),
+            "prob": pa.array(probs.reshape(-1).double().cpu().numpy()),
+            "rank": pa.array(ranks.reshape(-1).cpu().numpy(), pa.int64()),
+            "rank_change": pa.nulls(n_rows, pa.int64()) if change is None else pa.array(change.cpu().numpy(), pa.int64()),
+        },
+        schema=LENS_SCHEMA,
+    )
+
+
+# --- upvoted tokens ---------------------------------------------------------------------------------
+
+
+def upvoted(
+    loaded,
+    query: UpvotedQuery,
+    prompts: Sequence[PromptRow],
+    *,
+    add_hooks: AddHooks | None = None,
+) -> pa.Table:
+    """Top (or bottom, `query.bottom`) k tokens that a node's write promotes, per prompt and position.
+
+    A raw neuron or latent row does not depend on the prompt: one set of rows, prompt_id and
+    position NULL."""
+    node = query.node
+    _check_node(loaded, node, query.raw)
+    k = min(query.k, loaded.info().vocab_size)
+    if k < 1:
+        raise TdbqlError(f"upvoted topk must be at least 1, not {query.k}")
+    if query.raw and node.component != "attn":
+        writes = _raw_write(loaded, node)[None]  # [1, d]
+        return _upvoted_rows(loaded, query, None, None, None, writes, k)
+    parts = []
+    for batch in contrib.batches(loaded, prompts):
+        saved = _capture_node(loaded, batch, node, add_hooks)
+        for row, n in enumerate(batch.lengths):
+            prompt_id = batch.prompt_ids[row]
+            if node.token is None:
+                positions = torch.arange(n)
+            else:
+                positions = torch.tensor([_position(node.token, n, prompt_id)])
+            key = None if node.key is None else _key_position(node.key, int(positions[0]), n, prompt_id)
+            writes = _node_writes(loaded, node, saved, row, positions, key, query.raw)  # [P, d]
+            parts.append(_upvoted_rows(loaded, query, prompt_id, positions, key, writes, k))
+    return _concat(parts, UPVOTED_SCHEMA)
+
+
+def _position(token: int, n: int, prompt_id: int) -> int:
+    position = token + n if token < 0 else token
+    if not 0 <= position < n:
+        raise TdbqlError(f"token {token} is outside prompt {prompt_id}, which has {n} tokens")
+    return position
+
+
+def _key_position(key: int, query_position: int, n: int, prompt_id: int) -> int:
+    position = _position(key, n, prompt_id)
+    if position > query_position:
+        raise TdbqlError(f"key token {key} comes after query token {query_position} in prompt {prompt_id}: not attended")
+    return position
+
+
+def _check_node(loaded, node: NodeRef, raw: bool) -> None:
+    info = loaded.info()
+    if not 0 <= node.layer < info.n_layers:
+        raise TdbqlError(f"layer {node.layer} does not exist; the model has layers 0..{info.n_layers - 1}")
+    if node.component == "resid":
+        raise TdbqlError(
+            "upvoted takes mlp[L,N], attn[L,H], sae[L,I] or a whole block (mlp[L], attn[L], block[L]); "
+            "use logit_lens for resid[L]"
+        )
+    if node.key is not None and (node.component != "attn" or node.token is None):
+        raise TdbqlError("a key token (@t:u) needs a head and a query token: attn[L,H]@t:u")
+    if raw and (node.index is None or node.component == "block"):
+        raise TdbqlError("raw needs a single neuron, latent or head, not a whole block")
+    if raw and node.component == "attn" and node.key is None:
+        raise TdbqlError("raw for a head needs a key (attn[L,H]@t:u): its raw write is v[u] W_O[h]")
+    limits = {"mlp": info.d_mlp, "attn": info.n_heads}
+    if node.component in limits and node.index is not None and not 0 <= node.index < limits[node.component]:
+        raise TdbqlError(f"{node.component} index {node.index} is out of range 0..{limits[node.component] - 1}")
+    if node.component.endswith("_sae"):
+        site = node.component.removesuffix("_sae")
+        if (site, node.layer) not in loaded.saes:
+            raise TdbqlError(f"no {site} autoencoder is loaded at layer {node.layer}")
+        n_latents = loaded.saes[(site, node.layer)].n_latents
+        if node.index is None or not 0 <= node.index < n_latents:
+            raise TdbqlError(f"latent index {node.index} is out of range 0..{n_latents - 1}")
+
+
+def _raw_write(loaded, node: NodeRef) -> torch.Tensor:
+    if node.component == "mlp":
+        return loaded.model.W_out(node.layer)[node.index].detach()
+    return loaded.decoder_in_resid(node.component.removesuffix("_sae"), node.layer)[node.index].detach()
+
+
+def _capture_node(loaded, batch, node: NodeRef, add_hooks) -> dict[str, torch.Tensor]:
+    """The activations a node's write needs, from one forward pass."""
+    needs = {
+        "mlp": ["mlp.post"] if node.index is not None else ["mlp.out"],
+        "attn": ["attn.probs", "attn.v", "attn.z"] if node.index is not None else ["attn.out"],
+        "block": ["resid.pre", "resid.post"],
+    }
+    locations = needs.get(node.component, [f"sae.{node.component.removesuffix('_sae')}.latent"])
+    saved: dict[str, torch.Tensor] = {}
+    hooks = HookSet()
+    if add_hooks is not None:
+        add_hooks(hooks, batch)
+    for loc in locations:
+        hooks.add(loc, node.layer, _store(saved, loc))
+    with torch.no_grad():
+        loaded.model(batch.input_ids, attention_mask=batch.attention_mask, hooks=hooks)
+    return saved
+
+
+def _node_writes(loaded, node: NodeRef, saved, row, positions, key, raw) -> torch.Tensor:
+    """The node's write to the residual stream at each position: [P, d_model]."""
+    model, layer, idx = loaded.model, node.layer, node.index
+    if node.component == "block":
+        return saved["resid.post"][row, positions] - saved["resid.pre"][row, positions]
+    if node.component == "mlp":
+        if idx is None:
+            return saved["mlp.out"][row, positions]
+        return saved["mlp.post"][row, positions, idx, None] * model.W_out(layer)[idx][None]
+    if node.component == "attn":
+        if idx is None:
+            return saved["attn.out"][row, positions]
+        return _head_write(loaded, node, saved, row, positions, key, raw)
+    site = node.component.removesuffix("_sae")
+    latent = saved[f"sae.{site}.latent"][row, positions, idx]
+    return latent[:, None] * loaded.decoder_in_resid(site, layer)[idx][None]
+
+
+def _head_write(loaded, node: NodeRef, saved, row, positions, key, raw) -> torch.Tensor:
+    """Head h's output at the query (z @ W_O[h]), or one key's share A[t,u] v[u] W_O[h] (raw: without A)."""
+    W_O = loaded.model.W_O(node.layer)[node.index]  # [d_head, d_model]
+    if key is None:
+        return saved["attn.z"][row, positions, node.index] @ W_O
+    group = loaded.info().n_heads // loaded.config.n_kv_heads
+    per_unit = saved["attn.v"][row, key, node.index // group] @ W_O  # [d_model]
+    if raw:
+        return per_unit[None].expand(len(positions), -1)
+    prob = saved["attn.probs"][row, node.index, positions, key]  # [P]
+    return prob[:, None] * per_unit[None]
+
+
+def _upvoted_rows(loaded, query: UpvotedQuery, prompt_id, positions, key, writes: torch.Tensor, k: int) -> pa.Table:
+    node = query.node
+    scores = score_writes(loaded.model, writes)  # [P, V]
+    top_scores, top_ids = (-scores if query.bottom else scores).topk(k, dim=-1)
+    top_scores = -top_scores if query.bottom else top_scores
+    n_pos, n_rows = writes.shape[0], top_ids.numel()
+    ids = top_ids.reshape(-1).tolist()
+    if positions is None:
+        pos_col = pa.nulls(n_rows, pa.int64())
+    else:
+        pos_col = pa.array(positions[:, None].expand(-1, k).reshape(-1).numpy(), pa.int64())
+    return pa.table(
+        {
+            "prompt_id": pa.array([prompt_id] * n_rows, pa.int64()),
+            "layer": pa.array([node.layer] * n_rows, pa.int64()),
+            "component": pa.array([node.component] * n_rows, pa.string()),
+            "unit": pa.array([node.index] * n_rows, pa.int64()),
+            "position": pos_col,
+            "attended": pa.array([key] * n_rows, pa.int64()),
+            "vocab_id": pa.array(ids, pa.int64()),
+            "token": pa.array([loaded.token_str(i) for i in ids], pa.string()),
+            "score": pa.array(top_scores.reshape(-1).double().cpu().numpy()),
+            "rank": pa.array(torch.arange(1, k + 1).repeat(n_pos).numpy(), pa.int64()),
+        },
+        schema=UPVOTED_SCHEMA,
+    )
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables).combine_chunks()
