@@ -203,3 +203,18 @@ def test_unsupported_activation_is_a_clean_error():
     cfg["activation_function"] = "quick_gelu"
     with pytest.raises(TdbqlError, match="activation 'quick_gelu' is not supported"):
         config_from_hf(cfg)
+
+
+def test_old_style_checkpoint_with_mask_buffers_and_no_prefix(make_checkpoint, tmp_path):
+    """Older GPT-2 files: no 'transformer.' prefix, causal-mask buffers saved as weights."""
+    from safetensors.torch import load_file, save_file
+
+    source = make_checkpoint("gpt2")
+    folder = tmp_path / "old"
+    shutil.copytree(source, folder)
+    weights = {k.removeprefix("transformer."): v for k, v in load_file(folder / "model.safetensors").items()}
+    for layer in range(2):
+        weights[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        weights[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(weights, folder / "model.safetensors")
+    assert torch.equal(logits_of(load_model(str(folder))), logits_of(load_model(str(source))))
