@@ -1,0 +1,115 @@
+"""`explain`: the compiled plan of a node query as text (passes, hooks, tensors kept, memory)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tdbql.executor.hooks import LOCATIONS
+from tdbql.executor.scalars import Raw
+from tdbql.query.plan import PromptRow
+
+
+def raw_numel(engine, raw: Raw, n_tokens: int) -> int:
+    """Elements of one prompt's tensor at `raw` (n_tokens tokens)."""
+    c = engine.cfg
+    sizes = {
+        "batch": 1, "token": n_tokens, "key": n_tokens, "d_model": c.d_model, "d_mlp": c.d_mlp,
+        "head": c.n_heads, "kv_head": c.n_kv_heads, "d_head": c.d_head, "one": 1, "vocab": c.vocab_size,
+    }
+    if raw.location.startswith("sae."):
+        site = raw.location.split(".")[1]
+        ae = engine.loaded.saes.get((site, raw.layer))
+        sizes["latent"] = ae.n_latents if ae is not None else 0
+    n = 1
+    for dim in LOCATIONS[raw.location]:
+        n *= sizes[dim]
+    return n
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _where(raw: Raw) -> str:
+    return raw.location if raw.layer is None else f"{raw.location}[{raw.layer}]"
+
+
+def _passes(plan) -> list[str]:
+    passes = []
+    if plan.mean_pass:
+        passes.append("once, before the batches: a forward pass over the whole prompt set (no grad) to compute "
+                      "the =mean ablation values")
+    forward = "per batch: forward" + (" (autograd from " + _where(plan.grad_entry) + ")" if plan.grad_entry else " under no_grad")
+    passes.append(forward)
+    if plan.needs_backward:
+        if plan.trace is not None:
+            t = plan.trace
+            origin = f"the pre-activation of {t.kind}[{t.layer},{t.index}]@{t.token}" + (f":{t.key}" if t.key is not None else "")
+        else:
+            kind = plan.loss.kind if plan.loss is not None else "logit_diff"
+            origin = f"the {kind} loss at each prompt's last token"
+        passes.append(f"per batch: backward (torch.autograd.grad, no weight gradients) from {origin}")
+    if plan.needs_jvp:
+        passes.append("per batch: forward-mode JVP along the traced node's write (in_edge of downstream nodes)")
+    return passes
+
+
+def _hooks(plan) -> list[str]:
+    lines = []
+    for a in plan.ablations:
+        at = "all tokens" if a.token is None else f"token {a.token}"
+        lines.append(f"{a.location}[{a.layer}]  ablate index {a.index} at {at} = {a.value}")
+    if plan.needs_backward and plan.trace is None and plan.freeze_ln_f:
+        lines.append("ln_f.scale  detach (ln_f scale frozen in the backward pass)")
+    if plan.needs_backward and plan.trace is not None:
+        for location, layer in plan.trace.detach:
+            lines.append(f"{location}[{layer}]  detach (trace)")
+    if plan.grad_entry is not None:
+        lines.append(f"{_where(plan.grad_entry)}  x.detach().requires_grad_() (autograd starts here)")
+    for raw in sorted({Raw(r.location, r.layer) for r in plan.raws if r.pass_ != "jvp"}):
+        passes = sorted(r.pass_ for r in plan.raws if (r.location, r.layer) == (raw.location, raw.layer))
+        lines.append(f"{_where(raw)}  capture ({', '.join(passes)})")
+    for raw in sorted(r for r in plan.raws if r.pass_ == "jvp"):
+        lines.append(f"{_where(raw)}  capture tangent (jvp)")
+    return lines
+
+
+def explain_plan(engine, plan, prompts: Sequence[PromptRow]) -> str:
+    q = plan.query
+    batch_size = engine.plan_batch_size(plan, prompts)
+    n_tokens = min(engine.cfg.n_ctx, max(len(engine.loaded.encode(p.text)) for p in prompts[:256]))
+    element = torch.finfo(engine.loaded.dtype).bits // 8
+    kept = sum(raw_numel(engine, r, n_tokens) for r in plan.raws) * element * batch_size
+    peak = engine.estimate_bytes_per_prompt(plan, prompts) * batch_size
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    eager = sorted({r.layer for r in plan.raws if r.location in ("attn.logits", "attn.probs")})
+    reduce = (f"over prompts {q.over_prompts}, then " if q.over_prompts else "") + (
+        "dense rows (select)" if q.mode == "select"
+        else f"running {q.mode} {q.k} by {plan.scalars[0]}" + (f" per {', '.join(q.by)}" if q.by else " overall")
+    )
+    n_batches = -(-len(prompts) // batch_size)
+    lines = [
+        f"node query: {', '.join(plan.scalars)} of {', '.join(plan.kinds)}",
+        f"prompts: {len(prompts)} in {n_batches} batch(es) of up to {batch_size} (right-padded, masked)",
+        "passes:",
+        *(f"  {i + 1}. {p}" for i, p in enumerate(_passes(plan))),
+        "hooks:",
+        *(f"  {h}" for h in _hooks(plan)),
+        f"attention: eager (probabilities) at layers {eager}; fused SDPA elsewhere" if eager
+        else "attention: fused SDPA at every layer (no probabilities needed)",
+        f"blocks derived per batch: {len(plan.sites)} (kind x layer)",
+        f"reduction on the device: {reduce}",
+        f"tensors kept per batch: {_fmt_bytes(kept)} (~{n_tokens} tokens per prompt)",
+        f"estimated peak memory: {_fmt_bytes(peak + weights)} (weights {_fmt_bytes(weights)})",
+    ]
+    if "contribution" in plan.computed:
+        lines.append("contribution: one more forward pass per batch in executor/contrib.py (LLM-TT proximities)")
+    if plan.pairs:
+        lines.append("attrib_patch: prompts read as (clean, corrupted) pairs 0-1, 2-3, ...; rows for clean prompts")
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Batching and on-device reductions: batched == one by one; running top-k per group equals a
+sort of the dense rows; `over prompts` equals aggregating the dense rows; `where` semantics."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from tdbql.executor.engine import Engine
+from tdbql.query.plan import Condition, NodeQuery, Range, ScalarSpec
+
+from test_scalars import LOSS, prompts
+
+TEXTS = [
+    "When Mary and John went to the store, John gave a drink to",
+    "The cat sat on the mat",
+    "one two three four five six",
+    "A B C D A B C D",
+    "The Eiffel Tower is in Paris",
+]
+ID = ("prompt_id", "layer", "component", "unit", "position", "attended")
+
+
+def run(loaded, query, batch_size, texts=TEXTS):
+    return Engine(loaded, batch_size=batch_size).run(query, prompts(texts), LOSS)["result"]
+
+
+def q(mode="topk", k=7, scalars=("act_times_grad", "act"), **kw):
+    return NodeQuery(mode=mode, k=k if mode != "select" else None,
+                     scalars=tuple(ScalarSpec(name=s) for s in scalars), **kw)
+
+
+def same(a, b, tol=1e-5):
+    ra, rb = a.to_pylist(), b.to_pylist()
+    assert [tuple(r[c] for c in ID) + (r["rank"],) for r in ra] == [tuple(r[c] for c in ID) + (r["rank"],) for r in rb]
+    for x, y in zip(ra, rb):
+        for key, value in x.items():
+            if isinstance(value, float):
+                assert abs(value - y[key]) <= tol, key
+
+
+@pytest.mark.parametrize("by", [(), ("layer",), ("prompt",), ("token", "component")])
+def test_batched_equals_one_by_one(tiny_model, by):
+    loaded = tiny_model("gpt2")
+    query = q(by=by)
+    one = run(loaded, query, 1)
+    assert one.num_rows > 0
+    for batch_size in (2, 5):
+        same(run(loaded, query, batch_size), one)
+
+
+def test_batched_equals_one_by_one_llama_bottomk(tiny_model):
+    loaded = tiny_model("llama")
+    query = q(mode="bottomk", k=5, scalars=("direct_effect", "write_norm"), components=("attn", "head", "mlp", "embed"))
+    same(run(loaded, query, 3), run(loaded, query, 1))
+
+
+def _dense(loaded, scalars=("act_times_grad", "act"), **kw):
+    return run(loaded, q(mode="select", scalars=scalars, **kw), 2).to_pylist()
+
+
+def _key(r):
+    return tuple(-1 if r[c] is None else r[c] for c in ID)
+
+
+@pytest.mark.parametrize("by", [(), ("layer", "component"), ("prompt",), ("token",)])
+def test_running_topk_equals_sorting_the_dense_rows(tiny_model, by):
+    loaded = tiny_model("gpt2")
+    dense = _dense(loaded)
+    groups = defaultdict(list)
+    field = {"layer": "layer", "component": "component", "prompt": "prompt_id", "token": "position"}
+    for r in dense:
+        groups[tuple(r[field[b]] for b in by)].append(r)
+    want = []
+    order = ["embed", "attn", "head", "mlp"]  # components group in residual-stream order
+    for key in sorted(groups, key=lambda k: tuple(order.index(x) if isinstance(x, str) else -1 if x is None else x
+                                                  for x in k)):
+        best = sorted(groups[key], key=lambda r: -r["act_times_grad"])[:7]
+        want += [(r["prompt_id"], r["component"], r["layer"], r["unit"], r["position"], r["attended"]) for r in best]
+    got = run(loaded, q(by=by), 2).to_pylist()
+    assert [(r["prompt_id"], r["component"], r["layer"], r["unit"], r["position"], r["attended"]) for r in got] == want
+    assert all(1 <= r["rank"] <= 7 for r in got)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "max"])
+def test_over_prompts_equals_aggregating_dense_rows(tiny_model, reduction):
+    loaded = tiny_model("gpt2")
+    dense = _dense(loaded, components=("mlp", "attn"))
+    agg = defaultdict(list)
+    for r in dense:
+        agg[(r["component"], r["layer"], r["unit"], r["position"], r["attended"])].append(r["act_times_grad"])
+    fn = {"mean": lambda v: sum(v) / len(v), "sum": sum, "max": max}[reduction]
+    want = {k: fn(v) for k, v in agg.items()}
+    got = run(loaded, q(mode="select", scalars=("act_times_grad",), components=("mlp", "attn"),
+                        over_prompts=reduction), 2).to_pylist()
+    assert len(got) == len(want)
+    for r in got:
+        assert r["prompt_id"] is None
+        assert abs(r["act_times_grad"] - want[(r["component"], r["layer"], r["unit"], r["position"], r["attended"])]) < 1e-5
+
+
+def test_over_prompts_with_relative_tokens_aligns_prompt_ends(tiny_model):
+    loaded = tiny_model("gpt2")
+    where = (Condition(field="token", op="=", value=-1), Condition(field="layer", op="=", value=1))
+    dense = _dense(loaded, scalars=("act",), components=("mlp",), where=where)
+    by_unit = defaultdict(list)
+    for r in dense:
+        by_unit[r["unit"]].append(r["act"])
+    got = run(loaded, q(mode="topk", k=3, scalars=("act",), components=("mlp",), where=where,
+                        over_prompts="mean"), 2).to_pylist()
+    want = sorted(by_unit, key=lambda n: -sum(by_unit[n]) / len(by_unit[n]))[:3]
+    assert [r["unit"] for r in got] == want
+    assert all(r["position"] == -1 and r["token"] is None for r in got)  # last tokens differ across prompts
+
+
+def test_where_conditions(tiny_model):
+    loaded = tiny_model("gpt2")
+    where = (
+        Condition(field="token", op="in", value=Range(lo=-3, hi=-1)),
+        Condition(field="head", op="in", value=(1, 3)),
+        Condition(field="attended", op="<", value=2),
+        Condition(field="prompt", op="!=", value=11),
+        Condition(field="act", op=">", value=0.05),
+    )
+    rows = _dense(loaded, scalars=("act_times_grad",), components=("attn",), where=where)
+    lengths = {10 + i: len(loaded.encode(t)) for i, t in enumerate(TEXTS)}
+    everything = _dense(loaded, scalars=("act_times_grad", "act"), components=("attn",))
+    want = [r for r in everything if lengths[r["prompt_id"]] - 3 <= r["position"] and r["unit"] in (1, 3)
+            and r["attended"] < 2 and r["prompt_id"] != 11 and r["act"] > 0.05]
+    assert rows and [_key(r) for r in rows] == [_key(r) for r in want]
+    assert "act" not in rows[0]  # a scalar only `where` reads is not a column
+
+
+def test_same_query_twice_gives_identical_tables(tiny_model):
+    loaded = tiny_model("gpt2")
+    query = q(k=20, by=("layer",), components=("mlp", "attn", "head", "embed"))
+    assert run(loaded, query, 2).equals(run(loaded, query, 2))
+
+
+def test_ties_break_in_canonical_order(tiny_model):
+    """Under a trace, every node downstream has act_times_grad 0: ties resolve identically."""
+    from tdbql.query.plan import NodeRef, Trace
+
+    loaded = tiny_model("gpt2")
+    query = q(mode="bottomk", k=30, scalars=("act_times_grad",),
+              trace=Trace(node=NodeRef(component="mlp", layer=0, index=1, token=-1)),
+              where=(Condition(field="act_times_grad", op="=", value=0.0),))
+    one, many = run(loaded, query, 1), run(loaded, query, 5)
+    same(one, many)
+    keys = [_key(r) for r in one.to_pylist()]
+    assert keys == sorted(keys, key=lambda k: (k[0], ["embed", "attn", "head", "mlp"].index(k[2]), k[1], k[4], k[5], k[3]))

@@ -1,0 +1,199 @@
+"""Pass planning, explain, errors, output schema and dispatch."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from tdbql.executor.engine import Engine
+from tdbql.executor.scalars import Raw
+from tdbql.query.plan import (
+    Condition,
+    LogitLensQuery,
+    NodeQuery,
+    NodeRef,
+    PromptRow,
+    RoutesQuery,
+    ScalarSpec,
+    TdbqlError,
+    Trace,
+)
+
+from test_scalars import LOSS, prompts
+
+TEXTS = ["When Mary and John went to the store", "The cat sat on the mat"]
+
+
+def q(*scalars, **kw):
+    kw.setdefault("mode", "topk")
+    kw.setdefault("k", 5)
+    return NodeQuery(scalars=tuple(ScalarSpec(name=s) for s in scalars), **kw)
+
+
+def test_forward_only_plan_uses_no_grad_and_fused_attention(tiny_model):
+    engine = Engine(tiny_model("gpt2"))
+    plan = engine.compile(q("act", components=("mlp",)), prompts(TEXTS), None)
+    assert plan.raws == {Raw("mlp.post", 0), Raw("mlp.post", 1)}
+    assert not plan.needs_backward and plan.grad_entry is None
+    text = engine.explain(q("act", components=("mlp",)), prompts(TEXTS), None)
+    assert "no_grad" in text and "fused SDPA at every layer" in text and "backward" not in text
+
+
+def test_head_write_scalars_need_no_probabilities(tiny_model):
+    engine = Engine(tiny_model("gpt2"))
+    plan = engine.compile(q("direct_effect", "write_norm", components=("head",)), prompts(TEXTS), LOSS)
+    locations = {r.location for r in plan.raws}
+    assert "attn.probs" not in locations and "attn.z" in locations
+    assert Raw("resid.post", 1, "bwd") in plan.raws  # g, the gradient before ln_f
+
+
+def test_gradient_starts_at_the_lowest_needed_layer(tiny_model):
+    loaded = tiny_model("gpt2")
+    engine = Engine(loaded)
+    query = q("act_times_grad", components=("mlp",), where=(Condition(field="layer", op="=", value=1),))
+    plan = engine.compile(query, prompts(TEXTS), LOSS)
+    assert plan.grad_entry == Raw("resid.pre", 1)
+    assert {r.layer for r in plan.raws} == {1}
+    seen = {}
+    original = engine.run_passes
+
+    def spy(plan, batch, means):
+        store = original(plan, batch, means)
+        seen.update({k: v.requires_grad for k, v in store.fwd.items()})
+        return store
+
+    engine.run_passes = spy
+    engine.run(query, prompts(TEXTS), LOSS)
+    assert seen and all(seen.values())
+    assert all(p.grad is None and not p.requires_grad for p in loaded.model.parameters())
+    text = engine.explain(query, prompts(TEXTS), LOSS)
+    assert "resid.pre[1]  x.detach().requires_grad_()" in text and "ln_f.scale  detach" in text
+    assert "estimated peak memory" in text
+
+
+def test_trace_plan_detaches_the_layer_norm_scale_and_reads_g_at_the_node(tiny_model):
+    engine = Engine(tiny_model("gpt2"))
+    trace = Trace(node=NodeRef(component="attn", layer=1, index=0, token=-1, key=0), via="q")
+    plan = engine.compile(q("direct_effect", trace=trace), prompts(TEXTS), None)
+    assert plan.g == Raw("resid.pre", 1, "bwd")
+    assert set(plan.trace.detach) == {("ln1.scale", 1), ("attn.k", 1)}
+    assert [s.upstream for s, _ in plan.sites if s.kind == "mlp"] == [True, False]
+
+
+@pytest.mark.parametrize(
+    "query, loss, message",
+    [
+        (q("act_times_grad"), None, "needs a loss"),
+        (q("act", trace=Trace(node=NodeRef(component="mlp", layer=0, index=1))), None, "trace needs a token"),
+        (q("act", trace=Trace(node=NodeRef(component="attn", layer=0, index=1, token=-1))), None, "key token"),
+        (q("act", trace=Trace(node=NodeRef(component="mlp", layer=9, index=1, token=-1))), None, "out of range"),
+        (q("act", components=("resid",)), None, "not a node component"),
+        (q("act", components=("mlp_sae",)), None, "no autoencoder"),
+        (q("act", by=("prompt",), over_prompts="mean"), None, "over prompts"),
+    ],
+)
+def test_errors_are_tdbql_errors(tiny_model, query, loss, message):
+    with pytest.raises(TdbqlError, match=message):
+        Engine(tiny_model("gpt2")).run(query, prompts(TEXTS), loss)
+
+
+def test_token_outside_a_prompt_is_an_error(tiny_model):
+    from tdbql.query.plan import Ablation
+
+    query = q("act", ablations=(Ablation(node=NodeRef(component="mlp", layer=0, index=1, token=-40), value=0.0),))
+    with pytest.raises(TdbqlError, match="outside prompt"):
+        Engine(tiny_model("gpt2")).run(query, prompts(TEXTS), None)
+
+
+def test_attrib_patch_needs_pairs_of_equal_length(tiny_model):
+    engine = Engine(tiny_model("gpt2"))
+    with pytest.raises(TdbqlError, match="even number"):
+        engine.run(q("attrib_patch"), prompts(TEXTS[:1]), LOSS)
+    with pytest.raises(TdbqlError, match="must match"):
+        engine.run(q("attrib_patch"), prompts(TEXTS), LOSS)
+
+
+def test_per_prompt_targets_override_the_loss(tiny_model):
+    loaded = tiny_model("gpt2")
+    engine = Engine(loaded, batch_size=2)
+    query = q("grad", mode="select", k=None, components=("mlp",))
+    mixed = [PromptRow(prompt_id=0, text=TEXTS[0], target=" John", distractor=" Mary"),
+             PromptRow(prompt_id=1, text=TEXTS[1])]
+    flipped = engine.run(query, mixed, LOSS)["result"].to_pylist()
+    plain = engine.run(query, prompts(TEXTS), LOSS)["result"].to_pylist()
+    for a, b in zip(flipped, plain):  # prompt 0's loss is negated, prompt 1's unchanged
+        sign = -1.0 if a["prompt_id"] == 0 else 1.0
+        assert abs(a["grad"] - sign * b["grad"]) < 1e-6
+
+
+def test_node_table_schema(tiny_model):
+    table = Engine(tiny_model("gpt2")).run(q("act_times_grad", "act", components=("attn", "embed")),
+                                           prompts(TEXTS), LOSS)["result"]
+    assert table.column_names == ["prompt_id", "layer", "component", "unit", "position", "attended", "token",
+                                  "attended_token", "rank", "act_times_grad", "act"]
+    assert table.schema.field("act").type == pa.float64()
+    rows = table.to_pylist()
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["attended"] is not None for r in rows if r["component"] == "attn")
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("result", table)
+    con.execute("create table t as select * from result")
+    assert con.execute("select count(*) from t").fetchone()[0] == 5
+
+
+def test_progress_and_batch_size_from_budget(tiny_model):
+    loaded = tiny_model("gpt2")
+    calls = []
+    engine = Engine(loaded, progress=lambda done, total: calls.append((done, total)), memory_budget=1)
+    engine.run(q("act"), prompts(TEXTS), None)
+    assert calls == [(1, 2), (2, 2)]  # a tiny budget gives one prompt per batch
+
+
+def test_dispatch_to_lens_and_routes(tiny_model):
+    engine = Engine(tiny_model("gpt2"))
+    lens = engine.run(LogitLensQuery(k=2, where=(Condition(field="token", op="=", value=-1),)), prompts(TEXTS))
+    assert set(lens) == {"result"} and lens["result"].num_rows > 0
+    routes = engine.run(RoutesQuery(threshold=0.04), prompts(TEXTS))
+    assert set(routes) == {"route_nodes", "route_edges"}
+
+
+def test_no_prompts_is_an_error(tiny_model):
+    with pytest.raises(TdbqlError, match="no prompts"):
+        Engine(tiny_model("gpt2")).run(q("act"), [], None)
+
+
+def test_weights_take_no_gradients(tiny_model):
+    loaded = tiny_model("gpt2")
+    Engine(loaded).run(q("act_times_grad"), prompts(TEXTS), LOSS)
+    assert all(p.grad is None for p in loaded.model.parameters())
+    assert torch.is_grad_enabled()
+
+
+def test_contribution_scalar_comes_from_contrib_with_ablations(tiny_model):
+    from tdbql.executor.contrib import contributions
+    from tdbql.executor.hooks import HookSet
+    from tdbql.query.plan import Ablation
+
+    loaded = tiny_model("gpt2")
+    rows = prompts(TEXTS)
+    ablation = Ablation(node=NodeRef(component="mlp", layer=0, index=3), value=0.0)
+    query = q("contribution", mode="select", k=None, components=("attn", "head", "mlp"), ablations=(ablation,))
+    got = {(r["prompt_id"], r["component"], r["layer"], r["unit"], r["position"], r["attended"]): r["contribution"]
+           for r in Engine(loaded, batch_size=2).run(query, rows, None)["result"].to_pylist()}
+
+    def ablate(hooks: HookSet, batch) -> None:
+        def hook(x):
+            x = x.clone()
+            x[:, :, 3] = 0.0
+            return x
+
+        hooks.add("mlp.post", 0, hook)
+
+    want = contributions(loaded, rows, components=["attn", "head", "mlp"], add_hooks=ablate).to_pylist()
+    assert len(want) == len(got)
+    for r in want:
+        key = (r["prompt_id"], r["component"], r["layer"], r["unit"], r["position"], r["attended"])
+        assert abs(got[key] - r["contribution"]) < 1e-6
