@@ -1,0 +1,155 @@
+"""The `tdbql` command.
+
+    tdbql                          open the REPL (or run stdin when it is not a terminal)
+    tdbql -c "topk 5 act"          run statements and exit
+    tdbql -f setup.tql -f q.tql    run files in order (-c and -f may be mixed; they run in the order given)
+    tdbql --db runs.duckdb ...     keep tables in a file
+
+Exit codes: 0 ok, 1 query error (stderr: `file:line:col: message`), 2 usage error, 130 interrupted.
+No traceback unless --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from importlib.metadata import PackageNotFoundError, version
+
+from tdbql.query.format import FORMATS, ProgressBar, render_result
+from tdbql.query.plan import TdbqlError
+from tdbql.query.session import Session, render_error
+
+COMMAND_SOURCE = "<command>"
+STDIN_SOURCE = "<stdin>"
+
+
+class _AppendScript(argparse.Action):
+    """-c and -f share one ordered list of (kind, value)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        scripts = list(getattr(namespace, self.dest) or [])
+        scripts.append((option_string.lstrip("-")[0], values))
+        setattr(namespace, self.dest, scripts)
+
+
+def package_version() -> str:
+    try:
+        return version("tdbql")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tdbql",
+        description="Query transformer internals: tdbql statements and SQL over DuckDB.",
+        epilog="With no -c/-f, opens the interactive shell (or reads statements from stdin when piped).",
+    )
+    parser.add_argument("-c", "--command", dest="scripts", action=_AppendScript, metavar="STATEMENTS",
+                        help="run statements and exit (repeatable)")
+    parser.add_argument("-f", "--file", dest="scripts", action=_AppendScript, metavar="FILE",
+                        help="run a .tql file and exit (repeatable)")
+    parser.add_argument("--db", metavar="PATH", help="DuckDB file to keep tables in (default: in memory)")
+    parser.add_argument("--model", default="default", metavar="NAME|PATH",
+                        help="model to load on first use (default: the embedded model)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="prompts per batch (default: auto)")
+    parser.add_argument("-D", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                        help="define $NAME for the statements (repeatable)")
+    parser.add_argument("--format", default="table", choices=FORMATS, help="result format (default: table)")
+    parser.add_argument("--max-rows", type=_positive_int, metavar="N",
+                        help="rows shown per table in table format (default: 40)")
+    parser.add_argument("--safe", action="store_true",
+                        help="no file or network access from SQL (DuckDB enable_external_access=false)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"tdbql {package_version()}")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def parse_params(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    params = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            parser.error(f"-D expects NAME=VALUE, got {item!r}")
+        params[name] = value
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    params = parse_params(parser, args.params)
+    interactive = not args.scripts and sys.stdin.isatty()
+    try:
+        session = Session(model=args.model, db=args.db, device=args.device, dtype=args.dtype, safe=args.safe,
+                          params=params, batch_size=args.batch_size,
+                          progress=ProgressBar(enabled=sys.stderr.isatty()))
+    except TdbqlError as err:
+        return report(err, args.debug)
+    try:
+        if interactive:
+            from tdbql.query.repl import run_repl
+
+            return run_repl(session, mode=args.format, debug=args.debug)
+        return run_scripts(session, _scripts(args), args)
+    finally:
+        session.close()
+
+
+def _scripts(args) -> list[tuple[str, str]]:
+    if args.scripts:
+        return args.scripts
+    return [("stdin", sys.stdin.read())]
+
+
+def run_scripts(session: Session, scripts: list[tuple[str, str]], args) -> int:
+    """Run -c/-f/stdin scripts in order; stop at the first error (exit 1)."""
+    max_rows = args.max_rows or (40 if args.format in ("table", "markdown") else None)
+    try:
+        for kind, value in scripts:
+            text, source = _script_text(kind, value)
+            for result in session.execute_iter(text, source_name=source):
+                shown = render_result(result, mode=args.format, max_rows=max_rows)
+                if shown:
+                    print(shown, flush=True)
+    except TdbqlError as err:
+        return report(err, args.debug)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if isinstance(session.progress, ProgressBar):
+            session.progress.close()
+    return 0
+
+
+def _script_text(kind: str, value: str) -> tuple[str, str]:
+    if kind == "c":
+        return value, COMMAND_SOURCE
+    if kind == "stdin":
+        return value, STDIN_SOURCE
+    try:
+        with open(value, encoding="utf-8") as handle:
+            return handle.read(), value
+    except OSError as exc:
+        raise TdbqlError(f"cannot read '{value}': {exc.strerror}") from exc
+
+
+def report(err: TdbqlError, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(err)
+    print(render_error(err), file=sys.stderr, flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

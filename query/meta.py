@@ -1,0 +1,323 @@
+"""Meta-commands (`.tables`, `.mode csv`, ...): a registry of small handlers.
+
+A handler takes the shell state and its argument words and returns the text to show; it never
+prints, so the registry is unit-tested without a terminal. `.help` is generated from the registry
+(litecli's `@special_command` idea). Meta-commands are one line and need no `;`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from tdbql.query.format import DEFAULT_MAX_ROWS, FORMATS, format_table, render_result
+from tdbql.query.plan import SCALARS, TdbqlError
+from tdbql.query.session import Session, describe_loss, describe_model, quote_ident
+
+SCALAR_HELP: dict[str, str] = {
+    "act": "activation: MLP post-activation, attention probability, autoencoder latent",
+    "grad": "gradient of the loss with respect to the activation",
+    "act_times_grad": "activation x gradient (first-order attribution)",
+    "write_norm": "activation x norm of what the node writes to the residual stream",
+    "direct_effect": "activation x (write . loss gradient at the final residual, ln_f frozen)",
+    "contribution": "LLM-TT proximity share of a node in the residual update",
+    "token_attribution": "embedding x gradient, per input token",
+    "sae_error": "norm and act x grad of an autoencoder's reconstruction error",
+    "in_edge": "effect of an upstream node's write on a traced node",
+    "attrib_patch": "(clean - corrupted activation) x corrupted gradient",
+}
+
+
+@dataclass
+class ShellState:
+    """What the shell remembers between inputs besides the session."""
+
+    session: Session
+    mode: str = "table"
+    output: Path | None = None
+    timer: bool = False
+    max_rows: int | None = DEFAULT_MAX_ROWS
+    pager: bool = True
+    width: int | None = None
+    quit: bool = False
+    last_plot: Path | None = None
+
+    def render(self, result) -> str:
+        return render_result(result, mode=self.mode, max_rows=self.max_rows, timer=self.timer, width=self.width)
+
+
+Handler = Callable[[ShellState, list[str]], str]
+
+
+@dataclass(frozen=True)
+class MetaCommand:
+    name: str
+    usage: str
+    help: str
+    handler: Handler
+    aliases: tuple[str, ...] = field(default=())
+
+
+REGISTRY: dict[str, MetaCommand] = {}
+
+
+def meta_command(name: str, usage: str, help: str, aliases: tuple[str, ...] = ()):
+    """Register a handler under `.name` and its aliases."""
+
+    def register(handler: Handler) -> Handler:
+        command = MetaCommand(name, usage, help, handler, aliases)
+        for key in (name, *aliases):
+            REGISTRY[key] = command
+        return handler
+
+    return register
+
+
+def is_meta(text: str) -> bool:
+    return text.lstrip().startswith(".")
+
+
+def run_meta(state: ShellState, line: str) -> str:
+    """Run one meta-command line; unknown commands and bad arguments raise TdbqlError."""
+    try:
+        words = shlex.split(line.strip())
+    except ValueError as exc:
+        raise TdbqlError(f"cannot read meta-command: {exc}") from exc
+    name, args = words[0].lower(), words[1:]
+    command = REGISTRY.get(name)
+    if command is None:
+        from difflib import get_close_matches
+
+        near = get_close_matches(name, list(REGISTRY), n=1)
+        raise TdbqlError(f"unknown command '{name}' (try .help)", suggestion=near[0] if near else None)
+    return command.handler(state, args)
+
+
+def _expect(args: list[str], most: int, usage: str) -> None:
+    if len(args) > most:
+        raise TdbqlError(f"too many arguments; usage: {usage}")
+
+
+def _on_off(args: list[str], current: bool, usage: str) -> bool:
+    if not args:
+        return not current
+    if args[0].lower() in ("on", "true", "1"):
+        return True
+    if args[0].lower() in ("off", "false", "0"):
+        return False
+    raise TdbqlError(f"expected on or off; usage: {usage}")
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+@meta_command(".help", ".help", "Show this list.", aliases=("\\?",))
+def _help(state: ShellState, args: list[str]) -> str:
+    seen, lines = set(), []
+    for command in REGISTRY.values():
+        if command.name in seen:
+            continue
+        seen.add(command.name)
+        lines.append(f"{command.usage:<34} {command.help}")
+    lines.append("")
+    lines.append("Enter runs a meta-command, a line of complete tdbql statements, or text ending in ';'")
+    lines.append("(SQL always waits for its ';'); otherwise it starts a new line. Esc Enter runs anyway.")
+    return "\n".join(lines)
+
+
+@meta_command(".quit", ".quit", "Leave tdbql (also .exit, Ctrl-D).", aliases=(".exit", ".q"))
+def _quit(state: ShellState, args: list[str]) -> str:
+    state.quit = True
+    return ""
+
+
+@meta_command(".tables", ".tables", "List tables and views.", aliases=("\\dt",))
+def _tables(state: ShellState, args: list[str]) -> str:
+    _expect(args, 0, ".tables")
+    return "\n".join(state.session.table_names())
+
+
+@meta_command(".schema", ".schema [TABLE]", "Show the columns of one table or all.", aliases=("\\d",))
+def _schema(state: ShellState, args: list[str]) -> str:
+    _expect(args, 1, ".schema [TABLE]")
+    names = args or state.session.table_names()
+    known = set(state.session.table_names())
+    lines = []
+    for name in names:
+        if name not in known:
+            raise TdbqlError(f"no table '{name}'")
+        cols = state.session.con.sql(f"DESCRIBE {quote_ident(name)}").fetchall()
+        body = ", ".join(f"{c[0]} {c[1]}" for c in cols)
+        lines.append(f"{name}({body})")
+    return "\n".join(lines)
+
+
+@meta_command(".mode", ".mode [table|csv|json|markdown]", "Show or set the output format.")
+def _mode(state: ShellState, args: list[str]) -> str:
+    _expect(args, 1, ".mode [FORMAT]")
+    if args:
+        if args[0] not in FORMATS:
+            raise TdbqlError(f"unknown format '{args[0]}' (formats: {', '.join(FORMATS)})")
+        state.mode = args[0]
+    return f"mode {state.mode}"
+
+
+@meta_command(".output", ".output [FILE]", "Write results to FILE (no FILE: back to the screen).", aliases=(".o",))
+def _output(state: ShellState, args: list[str]) -> str:
+    _expect(args, 1, ".output [FILE]")
+    if not args:
+        state.output = None
+        return "output: stdout"
+    path = Path(args[0]).expanduser()
+    try:
+        path.write_text("", encoding="utf-8")
+    except OSError as exc:
+        raise TdbqlError(f"cannot write '{path}': {exc.strerror}") from exc
+    state.output = path
+    return f"output: {path}"
+
+
+@meta_command(".read", ".read FILE", "Run the statements of a .tql file.", aliases=("\\i",))
+def _read(state: ShellState, args: list[str]) -> str:
+    if len(args) != 1:
+        raise TdbqlError("usage: .read FILE")
+    path = Path(args[0]).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TdbqlError(f"cannot read '{path}': {exc.strerror}") from exc
+    shown = []
+    try:
+        for result in state.session.execute_iter(text, source_name=str(path)):
+            shown.append(state.render(result))
+    except TdbqlError as err:
+        err.partial_output = "\n".join(s for s in shown if s)
+        raise
+    return "\n".join(s for s in shown if s)
+
+
+@meta_command(".timer", ".timer [on|off]", "Show how long each statement takes.")
+def _timer(state: ShellState, args: list[str]) -> str:
+    _expect(args, 1, ".timer [on|off]")
+    state.timer = _on_off(args, state.timer, ".timer [on|off]")
+    return f"timer {'on' if state.timer else 'off'}"
+
+
+@meta_command(".pager", ".pager [on|off]", "Page long tables with $PAGER (less -SRXF).")
+def _pager(state: ShellState, args: list[str]) -> str:
+    _expect(args, 1, ".pager [on|off]")
+    state.pager = _on_off(args, state.pager, ".pager [on|off]")
+    return f"pager {'on' if state.pager else 'off'}"
+
+
+@meta_command(".maxrows", ".maxrows [N|all]", "Rows shown per table in table mode.")
+def _maxrows(state: ShellState, args: list[str]) -> str:
+    _expect(args, 1, ".maxrows [N|all]")
+    if args:
+        if args[0].lower() == "all":
+            state.max_rows = None
+        elif args[0].isdigit() and int(args[0]) > 0:
+            state.max_rows = int(args[0])
+        else:
+            raise TdbqlError("usage: .maxrows N (a positive integer) or .maxrows all")
+    return f"maxrows {state.max_rows or 'all'}"
+
+
+@meta_command(".param", ".param [NAME [VALUE]]", "Show or set $NAME (like -D NAME=VALUE); no VALUE: unset.")
+def _param(state: ShellState, args: list[str]) -> str:
+    params = state.session.params
+    if not args:
+        return "\n".join(f"${name} = {value}" for name, value in sorted(params.items())) or "no parameters"
+    _expect(args, 2, ".param [NAME [VALUE]]")
+    name = args[0].lstrip("$")
+    if not name.isidentifier():
+        raise TdbqlError(f"parameter names are identifiers, not {args[0]!r}")
+    if len(args) == 1:
+        params.pop(name, None)
+        return f"${name} unset"
+    params[name] = args[1]
+    return f"${name} = {args[1]}"
+
+
+@meta_command(".models", ".models", "The current model and the ones tdbql can load.")
+def _models(state: ShellState, args: list[str]) -> str:
+    _expect(args, 0, ".models")
+    session = state.session
+    if session.is_loaded:
+        current = describe_model(session.loaded.info(), session.settings)
+    else:
+        current = f"model {session.model_name} (loads on first use)"
+    lines = [f"current: {current}", "", "load with: model NAME", "  default            the embedded model"]
+    lines += [f"  {name:<18} {where}" for name, where in known_models()]
+    lines.append("  PATH               a local Hugging Face folder (config.json, *.safetensors, tokenizer.json)")
+    return "\n".join(lines)
+
+
+def known_models() -> list[tuple[str, str]]:
+    """Registry names the loader resolves to hub ids (loaded from the local cache or the hub)."""
+    from tdbql.executor.loading import REGISTRY_NAMES
+
+    return [(name, hub_id) for name, hub_id in sorted(REGISTRY_NAMES.items())]
+
+
+@meta_command(".scalars", ".scalars", "The scalar catalog.")
+def _scalars(state: ShellState, args: list[str]) -> str:
+    _expect(args, 0, ".scalars")
+    return "\n".join(f"{name:<18} {SCALAR_HELP.get(name, '')}" for name in SCALARS)
+
+
+@meta_command(".prompts", ".prompts", "The prompt set and the session target.")
+def _prompts(state: ShellState, args: list[str]) -> str:
+    _expect(args, 0, ".prompts")
+    session = state.session
+    loss = describe_loss(session.loss) if session.loss else "none (set one with: target \" Mary\" vs \" John\")"
+    if not session.prompts:
+        return f"no prompts\ntarget: {loss}"
+    table = pa.table({
+        "prompt_id": [p.prompt_id for p in session.prompts],
+        "text": [p.text for p in session.prompts],
+        "target": [p.target for p in session.prompts],
+        "distractor": [p.distractor for p in session.prompts],
+    })
+    return format_table(table, "table", max_rows=state.max_rows, width=state.width) + f"\ntarget: {loss}"
+
+
+@meta_command(".plot", ".plot [TABLE] [--kind K] [--value COL] [--to FILE]",
+              "Draw a table (default _) to a PNG: attention, layers or bars.")
+def _plot(state: ShellState, args: list[str]) -> str:
+    from tdbql.query.plot import plot_table
+
+    options = _plot_options(args)
+    name = options.get("table", "_")
+    if name not in state.session.table_names():
+        raise TdbqlError(f"no table '{name}' to plot")
+    table = state.session.con.sql(f"SELECT * FROM {quote_ident(name)}").to_arrow_table()
+    path = Path(options.get("to", f"{'last' if name == '_' else name}.png")).expanduser()
+    kind = plot_table(table, path, kind=options.get("kind"), value=options.get("value"), title=name)
+    state.last_plot = path
+    return f"wrote {path} ({kind})"
+
+
+def _plot_options(args: list[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word in ("--kind", "--value", "--to"):
+            if i + 1 >= len(args):
+                raise TdbqlError(f"{word} needs a value")
+            options[word[2:]] = args[i + 1]
+            i += 2
+        elif word.startswith("--"):
+            raise TdbqlError(f"unknown option {word} (options: --kind, --value, --to)")
+        elif "table" not in options:
+            options["table"] = word
+            i += 1
+        else:
+            raise TdbqlError("usage: .plot [TABLE] [--kind K] [--value COL] [--to FILE]")
+    return options
+

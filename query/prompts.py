@@ -1,0 +1,97 @@
+"""Prompt sets: read jsonl/json/csv/parquet/txt files or a SQL result into `PromptRow`s.
+
+Columns: `prompt` (or `text`), optional `target` and `distractor` (the per-prompt loss, which
+overrides the session `target`). Extra columns are ignored. A `.txt` file has one prompt per line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from tdbql.query.plan import PromptRow, TdbqlError
+
+PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt")
+TEXT_COLUMNS: tuple[str, ...] = ("prompt", "text")
+
+
+def read_prompt_file(path: Path) -> list[PromptRow]:
+    """Read a prompt file into rows; raises TdbqlError for a missing file or bad columns."""
+    if not path.exists():
+        raise TdbqlError(f"prompt file not found: '{path}'")
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_FILE_SUFFIXES:
+        raise TdbqlError(f"cannot read prompts from '{path.name}': expected one of {', '.join(PROMPT_FILE_SUFFIXES)}")
+    if suffix == ".txt":
+        lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+        return [PromptRow(prompt_id=i, text=t) for i, t in enumerate(t for t in lines if t.strip())]
+    try:
+        table = _read_arrow(path, suffix)
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        raise TdbqlError(f"cannot read prompts from '{path}': {exc}") from exc
+    return prompts_from_arrow(table, source=f"'{path.name}'")
+
+
+def _read_arrow(path: Path, suffix: str) -> pa.Table:
+    if suffix in (".jsonl", ".ndjson"):
+        import pyarrow.json as pj
+
+        return pj.read_json(path)
+    if suffix == ".json":
+        import json
+
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise ValueError("a .json prompt file holds a list of objects")
+        return pa.Table.from_pylist(data)
+    if suffix in (".csv", ".tsv"):
+        import pyarrow.csv as pc
+
+        parse = pc.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+        convert = pc.ConvertOptions(strings_can_be_null=False, column_types={c: pa.string() for c in
+                                                                             ("prompt", "text", "target", "distractor")})
+        return pc.read_csv(path, parse_options=parse, convert_options=convert)
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def prompts_from_arrow(table: pa.Table, *, source: str = "the result") -> list[PromptRow]:
+    """Rows from an Arrow table with a `prompt` or `text` column (and optional target/distractor)."""
+    text_col = next((c for c in TEXT_COLUMNS if c in table.column_names), None)
+    if text_col is None:
+        raise TdbqlError(
+            f"{source} has no 'prompt' or 'text' column (columns: {', '.join(table.column_names) or 'none'})"
+        )
+    texts = table.column(text_col).to_pylist()
+    targets = _optional_column(table, "target")
+    distractors = _optional_column(table, "distractor")
+    rows = []
+    for i, text in enumerate(texts):
+        if text is None:
+            raise TdbqlError(f"{source}: row {i + 1} has an empty {text_col}")
+        rows.append(PromptRow(prompt_id=i, text=str(text), target=targets[i], distractor=distractors[i]))
+    if not rows:
+        raise TdbqlError(f"{source} has no rows")
+    return rows
+
+
+def _optional_column(table: pa.Table, name: str) -> list[str | None]:
+    if name not in table.column_names:
+        return [None] * table.num_rows
+    return [None if v in (None, "") else str(v) for v in table.column(name).to_pylist()]
+
+
+def prompt_rows(texts: tuple[str, ...] | list[str]) -> list[PromptRow]:
+    return [PromptRow(prompt_id=i, text=t) for i, t in enumerate(texts)]
+
+
+def resolve_path(path: str, source_name: str | None) -> Path:
+    """A relative path names a file beside the query file when it exists there, else in the cwd."""
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute() and source_name:
+        beside = Path(source_name).parent / candidate
+        if beside.exists():
+            return beside
+    return candidate

@@ -1,0 +1,594 @@
+"""A tdbql session: one model, one DuckDB connection, one prompt set, one default loss.
+
+`Session.execute(text)` parses a program and runs its statements in order (parse -> bind ->
+engine -> DuckDB). It knows nothing about terminals: the REPL, the CLI and the tests all drive
+it the same way (pgcli's `pgexecute.py` role).
+
+Tables every session keeps (design §5): `prompts`, `tokens`, `queries` (one provenance row per
+model query), one table per model query (`as name`, else q1, q2, ...; routes give
+`route_nodes`/`route_edges`, or `name_nodes`/`name_edges`), and the view `_` over the last one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from tdbql.query.plan import (
+    ExplainStmt,
+    LogitLensQuery,
+    LogitsQuery,
+    Loss,
+    ModelInfo,
+    ModelStmt,
+    NodeQuery,
+    PromptRow,
+    PromptsFromFile,
+    PromptsFromSql,
+    PromptStmt,
+    RoutesQuery,
+    SaeStmt,
+    SetStmt,
+    Span,
+    SqlStmt,
+    TargetStmt,
+    TdbqlError,
+    UpvotedQuery,
+)
+from tdbql.query.prompts import prompt_rows, prompts_from_arrow, read_prompt_file, resolve_path
+
+ProgressFn = Callable[[int, int], None]
+MODEL_QUERIES = (NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery)
+UNBOUND_STATEMENTS = (ModelStmt, SetStmt, SqlStmt)
+
+SQL_ROW_RESULT_WORDS = frozenset(
+    "select with from values table describe show summarize pivot unpivot pragma explain call".split()
+)
+
+SQL_ROW_COUNT_WORDS = frozenset({"insert", "update", "delete", "copy", "merge"})
+
+QUERIES_DDL = """
+CREATE TABLE IF NOT EXISTS queries (
+    query_id BIGINT, text VARCHAR, plan_json VARCHAR, model VARCHAR,
+    started_at TIMESTAMP, elapsed_ms DOUBLE, rows BIGINT, table_name VARCHAR
+)"""
+
+PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.int64()), ("text", pa.string()), ("target", pa.string()),
+                            ("distractor", pa.string()), ("n_tokens", pa.int64())])
+TOKENS_SCHEMA = pa.schema([("prompt_id", pa.int64()), ("position", pa.int64()), ("token_id", pa.int64()),
+                           ("token", pa.string())])
+
+
+@dataclass
+class StatementResult:
+    """What one statement produced: a table (shown), a message, or both."""
+
+    statement: Any
+    span: Span
+    text: str
+    table: pa.Table | None = None
+    table_name: str | None = None
+    message: str | None = None
+    elapsed_ms: float = 0.0
+
+
+@dataclass
+class Settings:
+    """Values changed with `set name = value`."""
+
+    batch_size: int | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"
+    freeze_ln_f: bool = True  # detach the final layer-norm scale in backward passes (TDB's choice)
+
+
+SETTING_NAMES: tuple[str, ...] = ("batch_size", "device", "dtype", "freeze_ln_f")
+DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+class Session:
+    """Owns the loaded model (loaded lazily), the DuckDB connection, the prompts and the loss.
+
+    `db` None is an in-memory database; a path is a DuckDB file that keeps tables (and the prompt
+    set) between sessions. `params` fill `$name` in statements; `progress(done, total)` is called
+    per batch; `safe` turns off DuckDB's file and network access.
+    """
+
+    def __init__(self, model: str = "default", db: str | None = None, *, device: str = "cpu",
+                 dtype: str = "fp32", safe: bool = False, params: dict[str, str] | None = None,
+                 progress: ProgressFn | None = None, batch_size: int | None = None) -> None:
+        self.model_name = model
+        self.db = db
+        self.safe = safe
+        self.params = dict(params or {})
+        self.progress = progress
+        self.settings = Settings(batch_size=batch_size, device=device, dtype=dtype)
+        self.prompts: list[PromptRow] = []
+        self.loss: Loss | None = None
+        self._loaded = None
+        self.con = self._connect()
+        self._restore_prompts()
+
+    # --- connection and tables -------------------------------------------------------------
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        try:
+            con = duckdb.connect(self.db or ":memory:")
+        except duckdb.Error as exc:
+            raise TdbqlError(f"cannot open database '{self.db}': {exc}") from exc
+        con.execute(QUERIES_DDL)
+        if self.safe:
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        return con
+
+    def close(self) -> None:
+        self.con.close()
+
+    def table_names(self) -> list[str]:
+        """Tables and views of the main schema, sorted."""
+        rel = self.con.sql(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY table_name"
+        )
+        return [r[0] for r in rel.fetchall()]
+
+    def columns(self) -> dict[str, list[str]]:
+        """Column names of every table and view, in order."""
+        rel = self.con.sql(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = 'main' ORDER BY table_name, ordinal_position"
+        )
+        out: dict[str, list[str]] = {}
+        for table, column in rel.fetchall():
+            out.setdefault(table, []).append(column)
+        return out
+
+    def _store(self, name: str, table: pa.Table) -> None:
+        """CREATE OR REPLACE TABLE name AS SELECT * FROM the registered Arrow table."""
+        view = "_tdbql_arrow_in"
+        self.con.register(view, table)
+        try:
+            self.con.execute(f"CREATE OR REPLACE TABLE {quote_ident(name)} AS SELECT * FROM {view}")
+        finally:
+            self.con.unregister(view)
+
+    def _point_last_view(self, name: str) -> None:
+        self.con.execute(f"CREATE OR REPLACE VIEW _ AS SELECT * FROM {quote_ident(name)}")
+
+    def _restore_prompts(self) -> None:
+        """A file database remembers its prompt set across sessions."""
+        if "prompts" not in self.table_names():
+            return
+        table = self.con.sql("SELECT text, target, distractor FROM prompts ORDER BY prompt_id").to_arrow_table()
+        if table.num_rows:
+            self.prompts = prompts_from_arrow(table, source="table prompts")
+
+    # --- model ---------------------------------------------------------------------------------
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    @property
+    def loaded(self):
+        """The LoadedModel, loaded on first use."""
+        if self._loaded is None:
+            self._load(self.model_name)
+        return self._loaded
+
+    def _load(self, name: str, *, dtype: str | None = None, device: str | None = None) -> None:
+        """Load `name`; the settings change only once the model has loaded."""
+        from tdbql.executor.loading import load_model
+
+        dtype, device = dtype or self.settings.dtype, device or self.settings.device
+        self._loaded = load_model(name, dtype=dtype, device=device)
+        self.model_name, self.settings.dtype, self.settings.device = name, dtype, device
+        if self.prompts:
+            self._write_prompt_tables(self.prompts)
+
+    def info(self) -> ModelInfo:
+        return self.loaded.info()
+
+    # --- running text ----------------------------------------------------------------------
+
+    def execute(self, text: str, *, source_name: str | None = None) -> list[StatementResult]:
+        """Run every statement of `text`; the first error raises TdbqlError (earlier ones ran)."""
+        return list(self.execute_iter(text, source_name=source_name))
+
+    def execute_iter(self, text: str, *, source_name: str | None = None) -> Iterator[StatementResult]:
+        """Like `execute`, yielding each result as soon as its statement has run.
+
+        A syntax error first runs the complete statements before it, then raises. Errors carry
+        `source_name` (for `file:line:col`) and, when they have no position, the statement's.
+        """
+        from tdbql.grammar.parse import parse
+
+        text = substitute_params(text, self.params)
+        try:
+            statements = parse(text)
+        except TdbqlError as err:
+            yield from self._run_statements(_parse_prefix(text, err, parse), text, source_name)
+            raise _with_source(err, source_name, text)
+        yield from self._run_statements(statements, text, source_name)
+
+    def _run_statements(self, statements, text: str, source_name: str | None) -> Iterator[StatementResult]:
+        for stmt, span in statements:
+            try:
+                yield self.run_statement(stmt, span, text, source_name=source_name)
+            except TdbqlError as err:
+                raise _with_source(_locate(err, span, text), source_name, text)
+            except Exception as exc:
+                if _is_interrupt(exc):  # Ctrl-C inside DuckDB: the caller cancels, as for any Ctrl-C
+                    raise KeyboardInterrupt from exc
+                raise self._wrap(exc, span, text, source_name) from exc
+
+    @staticmethod
+    def _wrap(exc: Exception, span: Span, text: str, source_name: str | None) -> TdbqlError:
+        """One user-facing error for a failure the statement did not report itself."""
+        if isinstance(exc, duckdb.Error):
+            # DuckDB's message carries its own caret (LINE n: ...), so no second source line here
+            err = TdbqlError(f"SQL error: {_duckdb_message(exc)}", line=span.line, column=span.column)
+        else:  # a bug or a torch/OS failure: one line, traceback only with --debug
+            err = TdbqlError(f"internal error: {type(exc).__name__}: {exc}", line=span.line, column=span.column,
+                             source=text)
+        return _with_source(err, source_name, text)
+
+    def run_statement(self, stmt, span: Span, text: str, *, source_name: str | None = None) -> StatementResult:
+        """Bind one parsed statement and run it."""
+        started = time.perf_counter()
+        if not isinstance(stmt, UNBOUND_STATEMENTS):
+            stmt = self._bind(stmt, span, text, source_name)
+        stmt_text = text[span.start_pos:span.end_pos]
+        result = self._dispatch(stmt, span, stmt_text, source_name)
+        result.elapsed_ms = (time.perf_counter() - started) * 1000
+        return result
+
+    def _bind(self, stmt, span: Span, text: str, source_name: str | None):
+        from tdbql.query.bind import bind
+
+        loaded = self.loaded
+        return bind(stmt, span, info=loaded.info(), tokenize=loaded.encode, tables=self.table_names(),
+                    source=text)
+
+    def _dispatch(self, stmt, span: Span, text: str, source_name: str | None) -> StatementResult:
+        handlers = {
+            ModelStmt: self._run_model,
+            SaeStmt: self._run_sae,
+            PromptStmt: self._run_prompt,
+            PromptsFromFile: self._run_prompts_file,
+            PromptsFromSql: self._run_prompts_sql,
+            TargetStmt: self._run_target,
+            SetStmt: self._run_set,
+            ExplainStmt: self._run_explain,
+            SqlStmt: self._run_sql,
+        }
+        result = StatementResult(statement=stmt, span=span, text=text)
+        if isinstance(stmt, MODEL_QUERIES):
+            return self._run_query(stmt, result)
+        return handlers[type(stmt)](stmt, result, source_name)
+
+    # --- statements ------------------------------------------------------------------------
+
+    def _run_model(self, stmt: ModelStmt, result: StatementResult, source_name) -> StatementResult:
+        local = resolve_path(stmt.name, source_name)
+        name = str(local) if local.exists() else stmt.name
+        self._load(name, dtype=stmt.dtype or self.settings.dtype, device=stmt.device or self.settings.device)
+        result.message = describe_model(self._loaded.info(), self.settings)
+        return result
+
+    def _run_sae(self, stmt: SaeStmt, result: StatementResult, source_name) -> StatementResult:
+        aes = self.loaded.load_sae(resolve_path(stmt.path, source_name), stmt.site)
+        attached = [f"{ae.site}[{ae.layer}] ({ae.n_latents} latents)" for ae in aes]
+        result.message = f"attached {len(attached)} autoencoder(s): {', '.join(attached)}"
+        return result
+
+    def _run_prompt(self, stmt: PromptStmt, result: StatementResult, source_name) -> StatementResult:
+        return self._set_prompts(prompt_rows(stmt.texts), result)
+
+    def _run_prompts_file(self, stmt: PromptsFromFile, result: StatementResult, source_name) -> StatementResult:
+        if self.safe:
+            raise TdbqlError("reading prompt files is disabled in --safe mode")
+        return self._set_prompts(read_prompt_file(resolve_path(stmt.path, source_name)), result)
+
+    def _run_prompts_sql(self, stmt: PromptsFromSql, result: StatementResult, source_name) -> StatementResult:
+        table = self.con.sql(stmt.sql).to_arrow_table()
+        return self._set_prompts(prompts_from_arrow(table, source="the prompts query"), result)
+
+    def set_prompts(self, rows: list[PromptRow]) -> None:
+        """Replace the prompt set (and the prompts/tokens tables, which need the tokenizer)."""
+        self._write_prompt_tables(rows)
+        self.prompts = list(rows)
+
+    def _set_prompts(self, rows: list[PromptRow], result: StatementResult) -> StatementResult:
+        self.set_prompts(rows)
+        result.table_name = "prompts"
+        result.message = f"{len(rows)} prompt{'s' if len(rows) != 1 else ''}"
+        return result
+
+    def _write_prompt_tables(self, rows: list[PromptRow]) -> None:
+        loaded = self.loaded
+        encoded = [loaded.encode(p.text) for p in rows]
+        limit = loaded.info().n_ctx
+        for p, ids in zip(rows, encoded):
+            if not ids:
+                raise TdbqlError(f"prompt {p.prompt_id} is empty after tokenizing")
+            if len(ids) > limit:
+                raise TdbqlError(f"prompt {p.prompt_id} has {len(ids)} tokens; the model's context is {limit}")
+        self._store("prompts", prompts_table(rows, encoded))
+        self._store("tokens", tokens_table(rows, encoded, loaded.token_str))
+
+    def _run_target(self, stmt: TargetStmt, result: StatementResult, source_name) -> StatementResult:
+        self.loss = stmt.loss
+        result.message = f"target: {describe_loss(stmt.loss)}"
+        return result
+
+    def _run_set(self, stmt: SetStmt, result: StatementResult, source_name) -> StatementResult:
+        name = stmt.name.lower()
+        if name not in SETTING_NAMES:
+            raise TdbqlError(f"unknown setting '{stmt.name}' (settings: {', '.join(SETTING_NAMES)})",
+                             suggestion=_nearest(name, SETTING_NAMES))
+        value = _setting_value(name, stmt.value)
+        if name in ("device", "dtype") and self._loaded is not None:
+            self._load(self.model_name, **{name: value})
+        else:
+            setattr(self.settings, name, value)
+        result.message = f"{name} = {'auto' if value is None else value}"
+        return result
+
+    def _run_explain(self, stmt: ExplainStmt, result: StatementResult, source_name) -> StatementResult:
+        result.message = self._engine().explain(stmt.query, self.prompts, self._loss_for(stmt.query))
+        return result
+
+    def _run_sql(self, stmt: SqlStmt, result: StatementResult, source_name) -> StatementResult:
+        rel = self.con.sql(stmt.text)
+        if rel is None:
+            result.message = "OK"
+            return result
+        table = rel.to_arrow_table()
+        first = _first_word(stmt.text)
+        if first in SQL_ROW_RESULT_WORDS:
+            result.table = table
+        elif first in SQL_ROW_COUNT_WORDS and table.column_names == ["Count"] and table.num_rows == 1:
+            n = table.column(0)[0].as_py()
+            result.message = f"{n} row{'s' if n != 1 else ''}"
+        else:
+            result.message = "OK"
+        return result
+
+    # --- model queries ---------------------------------------------------------------------
+
+    def _engine(self):
+        from tdbql.executor.engine import Engine
+
+        return Engine(self.loaded, batch_size=self.settings.batch_size, progress=self.progress,
+                      freeze_ln_f=self.settings.freeze_ln_f)
+
+    def _loss_for(self, query) -> Loss | None:
+        return getattr(query, "target", None) or self.loss
+
+    def _run_query(self, query, result: StatementResult) -> StatementResult:
+        if not self.prompts:
+            raise TdbqlError('no prompts yet: add one with prompt "..." or prompts from \'file.jsonl\'')
+        _check_result_name(query.name)
+        started_at = datetime.now(timezone.utc).replace(tzinfo=None)
+        t0 = time.perf_counter()
+        tables = self._engine().run(query, self.prompts, self._loss_for(query))
+        elapsed_ms = (time.perf_counter() - t0) * 1000
+        query_id = self._next_query_id()
+        named = self._name_results(query, tables, query_id)
+        for name, table in named.items():
+            self._store(name, table)
+        shown_name, shown = _shown_table(named)
+        self._point_last_view(shown_name)
+        self._record_query(query_id, result.text, query, started_at, elapsed_ms, shown.num_rows, list(named))
+        result.table, result.table_name = shown, shown_name
+        if len(named) > 1:
+            result.message = "tables: " + ", ".join(f"{n} ({t.num_rows} rows)" for n, t in named.items())
+        return result
+
+    def _next_query_id(self) -> int:
+        return int(self.con.sql("SELECT coalesce(max(query_id), 0) + 1 FROM queries").fetchall()[0][0])
+
+    def _name_results(self, query, tables: dict[str, pa.Table], query_id: int) -> dict[str, pa.Table]:
+        if isinstance(query, RoutesQuery):
+            prefix = query.name or "route"
+            return {f"{prefix}_{key.removeprefix('route_')}": t for key, t in tables.items()}
+        name = query.name or self._free_default_name(query_id)
+        return {name: tables["result"]}
+
+    def _free_default_name(self, query_id: int) -> str:
+        existing = set(self.table_names())
+        n = query_id
+        while f"q{n}" in existing:
+            n += 1
+        return f"q{n}"
+
+    def _record_query(self, query_id: int, text: str, query, started_at: datetime, elapsed_ms: float,
+                      rows: int, names: list[str]) -> None:
+        self.con.execute(
+            "INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [query_id, text.strip(), query.model_dump_json(), self.model_name, started_at, elapsed_ms, rows,
+             ",".join(names)],
+        )
+
+
+# --- helpers (pure) ------------------------------------------------------------------------------
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+PARAM_PATTERN = re.compile(r"--[^\n]*|\$\$|\$([A-Za-z_]\w*)")
+
+
+def substitute_params(text: str, params: dict[str, str]) -> str:
+    """Replace `$name` by its -D value (outside `--` comments); an unknown name is an error."""
+
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        if name is None:
+            return match.group(0)
+        if name not in params:
+            line = text.count("\n", 0, match.start()) + 1
+            column = match.start() - (text.rfind("\n", 0, match.start()) + 1) + 1
+            raise TdbqlError(f"undefined parameter ${name} (define it with -D {name}=VALUE)", line=line,
+                             column=column, source=text, suggestion=_nearest(name, list(params)))
+        return str(params[name])
+
+    return PARAM_PATTERN.sub(replace, text)
+
+
+def _parse_prefix(text: str, err: TdbqlError, parse) -> list:
+    """The statements wholly before the one holding a syntax error (they run before it is raised)."""
+    if err.line is None:
+        return []
+    cut = _statement_start(text, _offset(text, err.line, err.column or 1))
+    if not text[:cut].strip():
+        return []
+    try:
+        return parse(text[:cut])
+    except TdbqlError:
+        return []
+
+
+def _offset(text: str, line: int, column: int) -> int:
+    lines = text.splitlines(keepends=True)
+    return sum(len(x) for x in lines[: line - 1]) + column - 1
+
+
+def _statement_start(text: str, offset: int) -> int:
+    """Start of the statement holding `offset` (the start of its line if the text cannot be split)."""
+    from tdbql.grammar.split import split_statements
+
+    try:
+        chunks = split_statements(text)
+    except TdbqlError:
+        return text.rfind("\n", 0, offset) + 1
+    starts = [c.start for c in chunks if c.start <= offset]
+    return starts[-1] if starts else 0
+
+
+def _first_word(text: str) -> str:
+    body = re.sub(r"^(\s|--[^\n]*\n?)*", "", text)
+    match = re.match(r"\(*\s*([A-Za-z_]\w*)", body)
+    return match.group(1).lower() if match else ""
+
+
+def _locate(err: TdbqlError, span: Span, text: str) -> TdbqlError:
+    """Give a position-less error (from the engine or loader) the statement's line and column."""
+    if err.line is None:
+        err.line, err.column = span.line, span.column
+        if err.source is None:
+            err.source = text
+    return err
+
+
+def _with_source(err: TdbqlError, source_name: str | None, text: str) -> TdbqlError:
+    err.source_name = source_name  # read by render_error
+    return err
+
+
+def render_error(err: TdbqlError) -> str:
+    """The message a user sees: `file:line:col: message` with the source line and a caret."""
+    return err.render(getattr(err, "source_name", None))
+
+
+def _duckdb_message(exc: duckdb.Error) -> str:
+    return str(exc).strip()
+
+
+def _nearest(name: str, choices) -> str | None:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _setting_value(name: str, value):
+    if name == "batch_size":
+        if isinstance(value, str) and value.lower() == "auto":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TdbqlError(f"batch_size must be a positive integer or 'auto', not {value!r}")
+        return value
+    if name == "freeze_ln_f":
+        return _on_off(value, name)
+    if name == "dtype":
+        if str(value) not in DTYPES:
+            raise TdbqlError(f"dtype must be one of {', '.join(DTYPES)}, not {value!r}",
+                             suggestion=_nearest(str(value), DTYPES))
+        return str(value)
+    return str(value)
+
+
+RESERVED_TABLES = frozenset({"prompts", "tokens", "queries", "_"})
+
+
+def _check_result_name(name: str | None) -> None:
+    if name is not None and name.lower() in RESERVED_TABLES:
+        raise TdbqlError(f"'{name}' is a session table; name the result something else")
+
+
+def _on_off(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise TdbqlError(f"{name} is on or off, not {value!r}")
+
+
+def _shown_table(named: dict[str, pa.Table]) -> tuple[str, pa.Table]:
+    """The table a statement shows (and `_` points at): the edges of a route graph, else the one table."""
+    for name, table in named.items():
+        if name.endswith("_edges"):
+            return name, table
+    return next(iter(named.items()))
+
+
+def prompts_table(prompts: list[PromptRow], encoded: list[list[int]]) -> pa.Table:
+    return pa.table(
+        {
+            "prompt_id": [p.prompt_id for p in prompts],
+            "text": [p.text for p in prompts],
+            "target": [p.target for p in prompts],
+            "distractor": [p.distractor for p in prompts],
+            "n_tokens": [len(ids) for ids in encoded],
+        },
+        schema=PROMPTS_SCHEMA,
+    )
+
+
+def tokens_table(prompts: list[PromptRow], encoded: list[list[int]], token_str: Callable[[int], str]) -> pa.Table:
+    rows = [(p.prompt_id, pos, tid, token_str(tid)) for p, ids in zip(prompts, encoded) for pos, tid in enumerate(ids)]
+    columns = list(zip(*rows)) if rows else [[], [], [], []]
+    return pa.table({name: list(col) for name, col in zip(TOKENS_SCHEMA.names, columns)}, schema=TOKENS_SCHEMA)
+
+
+def describe_loss(loss: Loss) -> str:
+    targets = " + ".join(repr(t) for t in loss.targets)
+    if loss.kind == "logprob":
+        return f"logprob({targets}) at the last token"
+    distractors = " + ".join(repr(t) for t in loss.distractors)
+    return f"logit({targets}) - logit({distractors}) at the last token"
+
+
+def describe_model(info: ModelInfo, settings: Settings) -> str:
+    saes = f", {len(info.sae_latents)} autoencoders" if info.sae_latents else ""
+    return (f"model {info.name} ({info.arch}: {info.n_layers} layers, {info.n_heads} heads, d_model {info.d_model}, "
+            f"d_mlp {info.d_mlp}, vocab {info.vocab_size}{saes}) on {settings.device} in {settings.dtype}")
+
+
+def _is_interrupt(exc: Exception) -> bool:
+    """DuckDB reports a Ctrl-C as InterruptException, or as RuntimeError('Query interrupted')."""
+    return isinstance(exc, duckdb.InterruptException) or (
+        isinstance(exc, RuntimeError) and "Query interrupted" in str(exc))

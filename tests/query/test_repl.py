@@ -1,0 +1,187 @@
+"""The interactive shell: the real `tdbql` console script in a pseudo-terminal (pexpect), plus the
+pure pieces (Enter rule, completion adapter, history location)."""
+
+from __future__ import annotations
+
+import time
+
+import pexpect
+import pytest
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
+
+from pygments.token import Comment, Keyword, Name, Number, String
+
+from tdbql.query.lexer import TdbqlLexer
+from tdbql.query.repl import TdbqlCompleter, history_path, is_complete_tdbql, last_significant_char, should_submit
+
+IOI = "When Mary and John went to the store, John gave a drink to"
+
+
+def spawn(tdbql_bin: str, args: list[str], env: dict[str, str]) -> pexpect.spawn:
+    env = {**env, "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(tdbql_bin, args, env=env, encoding="utf-8", dimensions=(60, 200), timeout=120)
+    child.expect("tdbql>")
+    return child
+
+
+def test_repl_end_to_end(tdbql_bin, tiny_model_dir, cli_env, tmp_path):
+    child = spawn(tdbql_bin, ["--model", str(tiny_model_dir)], cli_env)
+    try:
+        child.send(f'prompt "{IOI}"\r')
+        child.expect("1 prompt")
+        child.send('target " Mary" vs " John"\r')
+        child.expect("target: logit")
+        child.send("topk 4 act_ti")
+        child.send("\t")  # completes the scalar name
+        child.send(" of mlp\r")
+        child.expect(r"act_times_grad.*\(4 rows\)")
+        child.send("select count(*) as n\r")  # SQL waits for ';' on a new line
+        child.send("from q1;\r")
+        child.expect(r"\(1 row\)")
+        child.send("topk 3 act where layer = 99\r")  # an error keeps the session
+        child.expect("layer")
+        child.send(".tables\r")
+        child.expect("prompts")
+        child.expect("q1")
+        child.send(".quit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    history = (tmp_path / "config" / "tdbql" / "history").read_text()
+    assert "+topk 4 act_times_grad of mlp\n" in history
+    assert "+select count(*) as n\n+from q1;\n" in history
+    assert "+.tables\n" in history
+
+
+def test_ctrl_c_cancels_input_and_ctrl_d_quits(tdbql_bin, cli_env):
+    child = spawn(tdbql_bin, ["--model", "unused"], cli_env)
+    try:
+        child.send("select 1 as half_typed")
+        child.sendintr()
+        child.expect("tdbql>")
+        child.send("select count(*) from range(100000000000) a;\r")  # minutes of work
+        time.sleep(1.5)
+        child.sendintr()  # cancels the running query, keeps the session
+        child.expect("cancelled")
+        child.expect("tdbql>")
+        child.send("select 2 as two;\r")
+        child.expect(r"two.*\(1 row\)")
+        child.expect("tdbql>")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+
+
+def test_bottom_toolbar_shows_the_session(tdbql_bin, tiny_model_dir, cli_env, tmp_path):
+    """The toolbar needs the terminal's answer to a cursor-position request, so give one."""
+    env = {k: v for k, v in cli_env.items() if k != "PROMPT_TOOLKIT_NO_CPR"}
+    db = tmp_path / "t.duckdb"
+    child = pexpect.spawn(tdbql_bin, ["--model", str(tiny_model_dir), "--db", str(db)], env=env, encoding="utf-8",
+                          dimensions=(30, 200), timeout=120)
+    try:
+        child.expect(r"\x1b\[6n")
+        child.send("\x1b[5;1R")
+        child.expect_exact(f"model: {tiny_model_dir} (not loaded) | device: cpu | prompts: 0 | db: {db}")
+        child.send(".quit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+
+
+@pytest.mark.parametrize(
+    "text, submit",
+    [
+        ("", True),
+        (".tables", True),
+        ("quit", True),
+        ("topk 5 act", True),
+        ("topk 5 act of", False),  # incomplete tdbql
+        ("select count(*) from q1", False),  # SQL waits for ';'
+        ("select count(*)\nfrom q1;", True),
+        ("select ';' as x", False),
+        ("select 1; -- done", True),
+        ("topk 5 act\nwhere layer = 1", False),  # several lines need ';'
+        ('prompt "a;b"', True),
+    ],
+)
+def test_enter_rule(text, submit):
+    assert should_submit(text, is_complete_tdbql) is submit
+
+
+def test_last_significant_char():
+    assert last_significant_char("select 1; -- c") == ";"
+    assert last_significant_char("select ';'") == "'"
+    assert last_significant_char("select 'open") == ""
+
+
+def test_completer_replaces_the_partial_word():
+    completer = TdbqlCompleter(lambda: (("act", "act_times_grad", "grad"), ["q1", "queries"], ["layer"]))
+    doc = Document("topk 5 act_ti", cursor_position=13)
+    [completion] = list(completer.get_completions(doc, CompleteEvent(completion_requested=True)))
+    assert (completion.text, completion.start_position) == ("act_times_grad", -6)
+    doc = Document("select * from q", cursor_position=15)
+    texts = [c.text for c in completer.get_completions(doc, CompleteEvent(completion_requested=True))]
+    assert "q1" in texts and "queries" in texts
+
+
+def test_history_path_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert history_path() == tmp_path / "tdbql" / "history"
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert history_path() == tmp_path / "home" / ".config" / "tdbql" / "history"
+
+
+def lexed(text: str) -> dict[str, object]:
+    return {value: token for token, value in TdbqlLexer().get_tokens(text) if value.strip()}
+
+
+def test_lexer_covers_dsl_sql_meta_and_params():
+    tokens = lexed('topk 5 act_times_grad of mlp where layer = $k ablate mlp[3,1024]@-1=0 -- note')
+    assert tokens["topk"] in Keyword and tokens["where"] in Keyword and tokens["ablate"] in Keyword
+    assert tokens["act_times_grad"] in Name.Function
+    assert tokens["mlp"] in Name.Class
+    assert tokens["$k"] in Name.Variable
+    assert tokens["5"] in Number
+    assert tokens["-- note"] in Comment
+    sql = lexed("SELECT token FROM q1 WHERE text = 'a b'")
+    assert sql["SELECT"] in Keyword and sql["FROM"] in Keyword and sql["'a b'"] in String
+    assert lexed(".tables")[".tables"] in Keyword.Pseudo
+    assert lexed('target " Mary" vs " John"')['" Mary"'] in String
+
+
+def test_lexer_keywords_come_from_the_grammar():
+    from tdbql.grammar.parse import KEYWORDS
+
+    for word in KEYWORDS:
+        [(token, value)] = [(t, v) for t, v in TdbqlLexer().get_tokens(word) if v.strip()]
+        assert token in Keyword, word
+
+
+def test_emit_pages_long_output_and_writes_output_files(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import tdbql.query.repl as repl
+    from tdbql.query.meta import ShellState
+
+    paged = []
+    monkeypatch.setattr(repl.pydoc, "pager", paged.append)
+    monkeypatch.setattr(repl.shutil, "get_terminal_size", lambda fallback=None: SimpleNamespace(lines=10, columns=40))
+    monkeypatch.setattr(repl.sys.stdout, "isatty", lambda: True)
+    state = ShellState(session=None)
+    long_text = "\n".join(str(i) for i in range(30))
+    wide_text = "x" * 50
+    repl.emit(state, long_text)
+    repl.emit(state, wide_text)
+    repl.emit(state, "short")
+    assert paged == [long_text, wide_text]
+    assert capsys.readouterr().out == "short\n"
+    state.pager = False
+    repl.emit(state, long_text)
+    assert len(paged) == 2
+    state.output = tmp_path / "out.txt"
+    repl.emit(state, "to file")
+    repl.emit(state, "again")
+    assert state.output.read_text() == "to file\nagain\n"
