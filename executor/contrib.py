@@ -22,12 +22,13 @@ runs a loaded model with capture hooks, one layer at a time, and returns Arrow r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
 
+from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, Batch, batches
 from tdbql.executor.hooks import HookSet
 from tdbql.query.plan import PromptRow, TdbqlError
 
@@ -214,63 +215,6 @@ def threshold_and_renormalize(
 # --- running a model: capture one layer at a time ------------------------------------------------
 
 
-# Registers other hooks (e.g. the engine's ablations) for one batch before the capture hooks,
-# so that captures see their effect: add_hooks(hooks, batch).
-AddHooks = Callable[[HookSet, "PromptBatch"], None]
-
-
-@dataclass
-class PromptBatch:
-    """Right-padded token ids of some prompts."""
-
-    prompt_ids: list[int]
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T] bool
-    lengths: list[int]
-    token_ids: list[list[int]]
-
-
-def encode_prompts(loaded, prompts: Sequence[PromptRow]) -> list[tuple[int, list[int]]]:
-    encoded = []
-    for prompt in prompts:
-        ids = loaded.encode(prompt.text)
-        if not ids:
-            raise TdbqlError(f"prompt {prompt.prompt_id} has no tokens")
-        n_ctx = loaded.info().n_ctx
-        if len(ids) > n_ctx:
-            raise TdbqlError(f"prompt {prompt.prompt_id} has {len(ids)} tokens; the model takes at most {n_ctx}")
-        encoded.append((prompt.prompt_id, ids))
-    return encoded
-
-
-def batches(loaded, prompts: Sequence[PromptRow], token_budget: int = 4096) -> Iterator[PromptBatch]:
-    """Right-padded batches of at most `token_budget` padded tokens (at least one prompt each)."""
-    encoded = encode_prompts(loaded, prompts)
-    start = 0
-    while start < len(encoded):
-        stop = start + 1
-        while stop < len(encoded) and max(len(i) for _, i in encoded[start : stop + 1]) * (stop + 1 - start) <= token_budget:
-            stop += 1
-        yield _pad(encoded[start:stop], loaded.device)
-        start = stop
-
-
-def _pad(encoded: list[tuple[int, list[int]]], device: torch.device) -> PromptBatch:
-    width = max(len(ids) for _, ids in encoded)
-    input_ids = torch.zeros((len(encoded), width), dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.bool)
-    for row, (_, ids) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = True
-    return PromptBatch(
-        prompt_ids=[pid for pid, _ in encoded],
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        lengths=[len(ids) for _, ids in encoded],
-        token_ids=[ids for _, ids in encoded],
-    )
-
-
 @dataclass
 class LayerContributions:
     """One layer's contributions for one prompt (length n); any field may be None if not asked."""
@@ -295,7 +239,7 @@ class ContributionCapture:
     def __init__(
         self,
         model,
-        batch: PromptBatch,
+        batch: Batch,
         layers: Sequence[int],
         *,
         attention: bool,
@@ -338,7 +282,7 @@ class ContributionCapture:
         return save
 
     def _query_positions(self, row: int) -> torch.Tensor:
-        n = self.batch.lengths[row]
+        n = self.batch.length(row)
         device = self.batch.input_ids.device
         if self.queries is None:
             return torch.arange(n, device=device)
@@ -347,7 +291,7 @@ class ContributionCapture:
     def _on_resid_mid(self, layer: int) -> Callable[[torch.Tensor], None]:
         def compute(resid_mid: torch.Tensor) -> None:
             W_O = self.model.W_O(layer).detach()
-            for row, n in enumerate(self.batch.lengths):
+            for row, n in enumerate(self.batch.lengths.tolist()):
                 writes = per_key_head_writes(self.saved["attn.v"][row, :n], W_O)
                 queries = self._query_positions(row)
                 c_attn, c_res = attention_contributions(
@@ -367,7 +311,7 @@ class ContributionCapture:
 
     def _on_resid_post(self, layer: int) -> Callable[[torch.Tensor], None]:
         def compute(resid_post: torch.Tensor) -> None:
-            for row, n in enumerate(self.batch.lengths):
+            for row, n in enumerate(self.batch.lengths.tolist()):
                 mid, post_state = self.saved["resid.mid"][row, :n], resid_post[row, :n].detach()
                 result = LayerContributions(row, layer, self._query_positions(row))
                 if self.want_mlp:
@@ -388,7 +332,7 @@ class ContributionCapture:
 
 def run_capture(
     loaded,
-    batch: PromptBatch,
+    batch: Batch,
     capture: ContributionCapture,
     *,
     add_hooks: AddHooks | None = None,
@@ -424,7 +368,7 @@ def contributions(
     positions: Callable[[int], torch.Tensor] | None = None,
     norm: int = 1,
     add_hooks: AddHooks | None = None,
-    token_budget: int = 4096,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
     tile_elements: int = DEFAULT_TILE_ELEMENTS,
 ) -> pa.Table:
     """Rows for the `contribution` scalar (LLM-TT proximity shares).
@@ -445,9 +389,9 @@ def contributions(
     n_layers = loaded.info().n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     builder = _RowBuilder()
-    for batch in batches(loaded, prompts, token_budget):
+    for batch in batches(loaded, prompts, token_budget=token_budget):
         def sink(res: LayerContributions, batch=batch) -> None:
-            builder.add(batch.prompt_ids[res.prompt_index], res, components)
+            builder.add(batch.prompt_id(res.prompt_index), res, components)
 
         capture = ContributionCapture(
             loaded.model,

@@ -31,7 +31,9 @@ import pyarrow as pa
 import torch
 from torch.autograd import forward_ad as fwAD
 
+from tdbql.executor.ablation import AblationSpec, ablation_means, add_ablations, needs_means
 from tdbql.executor.arrow import logit_table, node_table
+from tdbql.executor.batching import Batch, batches, check_pairs, encode_prompts, resolve_tokens
 from tdbql.executor.hooks import HookSet
 from tdbql.executor.reduce import (
     BatchMeta,
@@ -136,17 +138,6 @@ class TraceSpec:
     write: str  # hook location where the node's write enters (for the JVP pass)
 
 
-@dataclass(frozen=True)
-class AblationSpec:
-    location: str
-    layer: int
-    index: int
-    token: int | None
-    key: int | None
-    value: float | str
-    heads: bool  # attention probabilities (batch, head, token, key)
-
-
 @dataclass
 class NodePlan:
     query: NodeQuery
@@ -175,20 +166,7 @@ class NodePlan:
 
     @property
     def mean_pass(self) -> bool:
-        return any(a.value == "mean" for a in self.ablations)
-
-
-@dataclass
-class Batch:
-    rows: list[PromptRow]
-    ordinals: torch.Tensor  # (batch,)
-    input_ids: torch.Tensor  # (batch, token), right-padded
-    mask: torch.Tensor  # (batch, token) bool
-    lengths: torch.Tensor  # (batch,)
-
-    @property
-    def prompt_ids(self) -> torch.Tensor:
-        return torch.tensor([r.prompt_id for r in self.rows], dtype=torch.long, device=self.input_ids.device)
+        return needs_means(self.ablations)
 
 
 # --- engine --------------------------------------------------------------------------------------------
@@ -405,45 +383,14 @@ class Engine:
                 ds.get(name) is not None and any(r.pass_ == "bwd" for r in ds[name].needs(site))
                 for site, ds in plan.sites)]
             raise TdbqlError(f"{', '.join(needing)} needs a loss: set one with `target \" Mary\" vs \" John\"`")
-        if plan.pairs and len(prompts) % 2:
-            raise TdbqlError("attrib_patch reads the prompts as (clean, corrupted) pairs: give an even number")
+        if plan.pairs:
+            check_pairs(prompts, encode_prompts(self.loaded, prompts))
         if plan.query.over_prompts and "prompt" in plan.query.by:
             raise TdbqlError("`by prompt` cannot be combined with `over prompts`")
         if plan.query.mode != "select" and not plan.query.k:
             raise TdbqlError(f"{plan.query.mode} needs a count, e.g. `{plan.query.mode} 20 ...`")
 
     # -- batching --
-
-    def batches(self, prompts: Sequence[PromptRow], batch_size: int, pairs: bool = False) -> Iterator[Batch]:
-        if pairs and batch_size % 2:
-            batch_size += 1
-        for start in range(0, len(prompts), batch_size):
-            rows = list(prompts[start: start + batch_size])
-            yield self._pad(rows, torch.arange(start, start + len(rows)), pairs)
-
-    def _pad(self, rows: list[PromptRow], ordinals: torch.Tensor, pairs: bool) -> Batch:
-        encoded = [self.loaded.encode(r.text) for r in rows]
-        for row, ids in zip(rows, encoded):
-            if not ids:
-                raise TdbqlError(f"prompt {row.prompt_id} has no tokens")
-            if len(ids) > self.cfg.n_ctx:
-                raise TdbqlError(f"prompt {row.prompt_id} has {len(ids)} tokens; the model reads at most {self.cfg.n_ctx}")
-        if pairs:
-            for i in range(0, len(rows), 2):
-                if len(encoded[i]) != len(encoded[i + 1]):
-                    raise TdbqlError(
-                        f"attrib_patch pairs prompts {rows[i].prompt_id} and {rows[i + 1].prompt_id}, "
-                        f"which have {len(encoded[i])} and {len(encoded[i + 1])} tokens; they must match"
-                    )
-        device = self.loaded.device
-        T = max(len(ids) for ids in encoded)
-        input_ids = torch.zeros(len(rows), T, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        for b, ids in enumerate(encoded):
-            input_ids[b, : len(ids)] = torch.tensor(ids)
-            mask[b, : len(ids)] = True
-        lengths = torch.tensor([len(ids) for ids in encoded])
-        return Batch(rows, ordinals.to(device), input_ids.to(device), mask.to(device), lengths.to(device))
 
     def plan_batch_size(self, plan: NodePlan | None, prompts: Sequence[PromptRow]) -> int:
         """`batch_size` when given, else what the memory budget allows (at most 64); even for pairs."""
@@ -475,11 +422,11 @@ class Engine:
     def visit_NodeQuery(self, query: NodeQuery, prompts: list[PromptRow], loss: Loss | None) -> dict[str, pa.Table]:
         plan = self.compile(query, prompts, loss)
         batch_size = self.plan_batch_size(plan, prompts)
-        means = self.ablation_means(plan.ablations, prompts, batch_size) if plan.mean_pass else {}
+        means = ablation_means(self.loaded, plan.ablations, prompts, batch_size) if plan.mean_pass else {}
         sink = self._sink(plan)
         over = OverPromptsSink(query.over_prompts, plan.relative_positions) if query.over_prompts else None
         n_batches = math.ceil(len(prompts) / batch_size)
-        for i, batch in enumerate(self.batches(prompts, batch_size, plan.pairs)):
+        for i, batch in enumerate(batches(self.loaded, prompts, max_prompts=batch_size, pairs=plan.pairs)):
             for block in self.node_blocks(plan, batch, means):
                 if over is not None:
                     over.add(block, batch.lengths)
@@ -530,11 +477,8 @@ class Engine:
         spec = next(s for s in plan.query.scalars if s.name == "contribution")
         index = {r.prompt_id: b for b, r in enumerate(batch.rows)}
 
-        def add_hooks(hooks: HookSet, other) -> None:
-            rows = [batch.rows[index[i]] for i in other.prompt_ids]
-            lengths = torch.tensor(other.lengths, device=batch.lengths.device)
-            same = Batch(rows, batch.ordinals, other.input_ids, other.attention_mask, lengths)
-            self._add_ablations(hooks, plan.ablations, same, means)
+        def add_hooks(hooks: HookSet, other: Batch) -> None:
+            add_ablations(hooks, plan.ablations, other, means)
 
         B, T = batch.input_ids.shape
         table = contrib.contributions(self.loaded, batch.rows, components=sorted(set(kinds)), layers=layers,
@@ -578,14 +522,14 @@ class Engine:
     def run_passes(self, plan: NodePlan, batch: Batch, means: dict) -> RawStore:
         store = RawStore()
         hooks = HookSet()
-        self._add_ablations(hooks, plan.ablations, batch, means)
+        add_ablations(hooks, plan.ablations, batch, means)
         self._add_freezes(hooks, plan)
         if plan.grad_entry is not None:
             hooks.add(plan.grad_entry.location, plan.grad_entry.layer, _enter_autograd)
         for raw in sorted({Raw(r.location, r.layer) for r in plan.raws if r.pass_ != "jvp"}):
             hooks.add(raw.location, raw.layer, store.capture(raw))
         with torch.set_grad_enabled(plan.needs_backward):
-            logits = self.model(batch.input_ids, batch.mask, hooks)
+            logits = self.model(batch.input_ids, batch.attention_mask, hooks)
             if plan.needs_backward:
                 objective = self._objective(plan, batch, logits, store)
                 store.backward(objective, [r for r in plan.raws if r.pass_ == "bwd"])
@@ -622,31 +566,12 @@ class Engine:
         ae = self.loaded.saes[(SAE_KINDS[trace.kind], trace.layer)]
         return ae.pre_activation(x[b, t])[:, trace.index].sum()
 
-    # -- ablations --
-
-    def _add_ablations(self, hooks: HookSet, ablations: Sequence[AblationSpec], batch: Batch, means: dict) -> None:
-        for i, spec in enumerate(ablations):
-            value = means[i] if spec.value == "mean" else float(spec.value)
-            hooks.add(spec.location, spec.layer, _ablation_hook(spec, value, batch))
-
-    def ablation_means(self, ablations: Sequence[AblationSpec], prompts: Sequence[PromptRow], batch_size: int) -> dict:
-        """First pass over the prompt set: the mean of each `=mean` ablation target (clean model)."""
-        wanted = {i: a for i, a in enumerate(ablations) if a.value == "mean"}
-        acc = {i: _MeanAccumulator(a) for i, a in wanted.items()}
-        for batch in self.batches(prompts, batch_size):
-            hooks = HookSet()
-            for i, spec in wanted.items():
-                hooks.add(spec.location, spec.layer, acc[i].hook(batch))
-            with torch.no_grad():
-                self.model(batch.input_ids, batch.mask, hooks)
-        return {i: a.mean() for i, a in acc.items()}
-
     # -- forward-mode pass for in_edge of nodes downstream of a trace --
 
     def _jvp_pass(self, plan: NodePlan, batch: Batch, means: dict, store: RawStore) -> None:
         trace = plan.trace
         hooks = HookSet()
-        self._add_ablations(hooks, plan.ablations, batch, means)
+        add_ablations(hooks, plan.ablations, batch, means)
         primal: dict[str, torch.Tensor] = {}
         for location in _write_sources(trace):
             hooks.add(location, trace.layer, _keep_primal(primal, location))
@@ -663,7 +588,7 @@ class Engine:
         self.model.attn_impl = "eager"
         try:
             with torch.no_grad(), fwAD.dual_level():
-                self.model(batch.input_ids, batch.mask, hooks)
+                self.model(batch.input_ids, batch.attention_mask, hooks)
         finally:
             self.model.attn_impl = previous
 
@@ -704,17 +629,20 @@ class Engine:
                 raise TdbqlError(f"logits can be filtered by token and prompt, not {cond.field}")
         ablations = tuple(self._ablation(a) for a in query.ablations)
         batch_size = self.plan_batch_size(None, prompts)
-        means = self.ablation_means(ablations, prompts, batch_size) if any(a.value == "mean" for a in ablations) else {}
+        means = ablation_means(self.loaded, ablations, prompts, batch_size) if needs_means(ablations) else {}
         parts = []
-        for batch in self.batches(prompts, batch_size):
+        for batch in batches(self.loaded, prompts, max_prompts=batch_size):
             hooks = HookSet()
-            self._add_ablations(hooks, ablations, batch, means)
+            add_ablations(hooks, ablations, batch, means)
             with torch.no_grad():
-                logits = self.model(batch.input_ids, batch.mask, hooks)
+                logits = self.model(batch.input_ids, batch.attention_mask, hooks)
             parts.append(self._logit_rows(query, batch, logits))
         parts = [p for p in parts if p is not None]
         rows = concat_rows(parts) if parts else None
-        return {"result": logit_table(rows, self.loaded.token_str)}
+        table = logit_table(rows, self.loaded.token_str)
+        if query.logprobs:  # the same rows, valued by log-softmax instead of the raw logit
+            table = table.rename_columns(["logprob" if c == "logit" else c for c in table.column_names])
+        return {"result": table}
 
     def _logit_rows(self, query: LogitsQuery, batch: Batch, logits: torch.Tensor):
         B, T, V = logits.shape
@@ -733,14 +661,14 @@ class Engine:
         values, ids = top.values.gather(1, by_id.indices), by_id.values
         order = torch.sort(values, dim=-1, descending=True, stable=True).indices
         values, ids = values.gather(1, order), ids.gather(1, order)
-        log_norm = torch.logsumexp(selected, dim=-1, keepdim=True)
+        logprobs = values - torch.logsumexp(selected, dim=-1, keepdim=True)  # log-softmax of the top k
         n = b.numel()
         return {
             "prompt_id": batch.prompt_ids[b].repeat_interleave(k),
             "position": t.repeat_interleave(k),
             "vocab_id": ids.reshape(-1),
-            "logit": values.reshape(-1),
-            "prob": torch.exp(values - log_norm).reshape(-1),
+            "logit": (logprobs if query.logprobs else values).reshape(-1),
+            "prob": torch.exp(logprobs).reshape(-1),
             "rank": torch.arange(1, k + 1, device=logits.device).repeat(n),
         }
 
@@ -872,127 +800,6 @@ def _write_sources(trace: TraceSpec) -> tuple[str, ...]:
     if trace.kind == "attn":
         return ("attn.v", "attn.probs")
     return ("sae.mlp.latent",) if trace.kind == "mlp_sae" else ()
-
-
-def resolve_tokens(token: int, batch: Batch) -> torch.Tensor:
-    """Per-prompt absolute position of `token` (negative counts from each prompt's end)."""
-    lengths = batch.lengths
-    t = lengths + token if token < 0 else torch.full_like(lengths, token)
-    bad = (t < 0) | (t >= lengths)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise TdbqlError(f"token {token} is outside prompt {batch.rows[i].prompt_id} ({int(lengths[i])} tokens)")
-    return t
-
-
-def _ablation_hook(spec: AblationSpec, value, batch: Batch) -> Callable[[torch.Tensor], torch.Tensor]:
-    def hook(x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        if spec.heads:
-            _ablate_head(x, spec, value, batch)
-        else:
-            _ablate_unit(x, spec, value, batch)
-        return x
-
-    return hook
-
-
-def _ablate_unit(x: torch.Tensor, spec: AblationSpec, value, batch: Batch) -> None:
-    """x: (batch, token, unit)."""
-    if spec.token is None:
-        x[:, :, spec.index] = value
-        return
-    b = torch.arange(x.shape[0], device=x.device)
-    x[b, resolve_tokens(spec.token, batch), spec.index] = value
-
-
-def _ablate_head(x: torch.Tensor, spec: AblationSpec, value, batch: Batch) -> None:
-    """x: (batch, head, token, key); the head's probabilities at query t for all keys (or one key).
-    A mean pattern is cut to each prompt's own keys (padding keys keep probability 0)."""
-    B, H, T, U = x.shape
-    real_keys = batch.mask[:, :U].to(x.dtype)  # (batch, key)
-    if spec.key is None and not isinstance(value, torch.Tensor):
-        value = torch.full((U,), float(value), dtype=x.dtype, device=x.device)
-    if isinstance(value, torch.Tensor):
-        value = value.to(x.dtype)[..., :U]
-    if spec.token is None:
-        if isinstance(value, torch.Tensor):
-            value = value[:T] * real_keys[:, None, :]  # (batch, token, key)
-        x[:, spec.index] = value
-        return
-    b = torch.arange(B, device=x.device)
-    t = resolve_tokens(spec.token, batch)
-    if spec.key is not None:
-        u = resolve_tokens(spec.key, batch)
-        x[b, spec.index, t, u] = value[u] if isinstance(value, torch.Tensor) else value
-    else:
-        x[b, spec.index, t] = value * real_keys if isinstance(value, torch.Tensor) else value
-
-
-class _MeanAccumulator:
-    """Sums over the prompt set for one `=mean` ablation.
-
-    Neuron / latent: the mean at the given token (resolved per prompt), or over every real token.
-    Head: the mean probability row over keys at the given query token, keys at absolute positions
-    padded with 0 to the longest prompt; with no token, the mean (query, key) pattern over prompts
-    that have that query position.
-    """
-
-    def __init__(self, spec: AblationSpec) -> None:
-        self.spec = spec
-        self.total: torch.Tensor | None = None
-        self.count: torch.Tensor | None = None
-
-    def hook(self, batch: Batch) -> Callable[[torch.Tensor], None]:
-        def capture(x: torch.Tensor) -> None:
-            self._add(x.float(), batch)
-
-        return capture
-
-    def _add(self, x: torch.Tensor, batch: Batch) -> None:
-        spec, B = self.spec, x.shape[0]
-        real = batch.mask
-        b = torch.arange(B, device=x.device)
-        if not spec.heads:
-            if spec.token is None:
-                total, count = x[:, :, spec.index][real].sum(), real.sum()
-            else:
-                total, count = x[b, resolve_tokens(spec.token, batch), spec.index].sum(), torch.tensor(B)
-            self._accumulate(total.reshape(1), count.reshape(1).float())
-            return
-        if spec.token is None:
-            rows = x[:, spec.index] * real[:, :, None]  # (batch, token, key)
-            self._accumulate(rows.sum(0), real.float().sum(0)[:, None].expand_as(rows[0]).contiguous())
-        else:
-            t = resolve_tokens(spec.token, batch)
-            rows = x[b, spec.index, t]  # (batch, key); keys past a prompt's end count as 0
-            self._accumulate(rows.sum(0), torch.tensor([float(B)]))
-
-    def _accumulate(self, total: torch.Tensor, count: torch.Tensor) -> None:
-        count = count.to(total.device)
-        if self.total is None:
-            self.total, self.count = total, count
-            return
-        self.total, total = _pad_to_same(self.total, total)
-        if count.numel() > 1:
-            self.count, count = _pad_to_same(self.count, count)
-        self.total = self.total + total
-        self.count = self.count + count
-
-    def mean(self):
-        mean = self.total / self.count.clamp(min=1)
-        return float(mean) if mean.numel() == 1 and not self.spec.heads else mean
-
-
-def _pad_to_same(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = [max(x, y) for x, y in zip(a.shape, b.shape)]
-
-    def pad(t):
-        out = torch.zeros(shape, dtype=t.dtype, device=t.device)
-        out[tuple(slice(0, s) for s in t.shape)] = t
-        return out
-
-    return pad(a), pad(b)
 
 
 # --- losses ------------------------------------------------------------------------------------------
@@ -1135,4 +942,4 @@ def _group_order(rows: dict, by: Sequence[str]) -> torch.Tensor:
     return group_ids(rows, tuple(by))
 
 
-__all__ = ["Engine", "NodePlan", "prompt_losses", "loss_tokens", "resolve_tokens"]
+__all__ = ["Engine", "NodePlan", "prompt_losses", "loss_tokens"]

@@ -22,8 +22,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import torch
 
-from tdbql.executor import contrib
-from tdbql.executor.contrib import AddHooks
+from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, batches
 from tdbql.executor.hooks import NO_HOOKS, HookSet
 from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, PromptRow, Range, TdbqlError, UpvotedQuery
 
@@ -158,9 +157,9 @@ def logit_lens(
     chosen = [p for p in prompts if p.prompt_id in prompt_ids]
     parts: list[pa.Table] = []
     k = min(query.k, loaded.info().vocab_size)
-    for batch in contrib.batches(loaded, chosen):
+    for batch in batches(loaded, chosen, token_budget=DEFAULT_TOKEN_BUDGET):
         states = _capture_residuals(loaded, batch, layers, query.at, add_hooks)
-        for row, n in enumerate(batch.lengths):
+        for row, n in enumerate(batch.lengths.tolist()):
             positions = _filter(query.where, "token", torch.arange(n), n)
             if len(positions) == 0:
                 continue
@@ -220,7 +219,7 @@ def _lens_rows(loaded, batch, row, layer, positions, states, query: LogitLensQue
     ids = top_ids.reshape(-1).tolist()
     return pa.table(
         {
-            "prompt_id": pa.array([batch.prompt_ids[row]] * n_rows, pa.int64()),
+            "prompt_id": pa.array([batch.prompt_id(row)] * n_rows, pa.int64()),
             "position": pa.array(positions[:, None].expand(-1, k).reshape(-1).numpy(), pa.int64()),
             "layer": pa.array([layer] * n_rows, pa.int64()),
             "vocab_id": pa.array(ids, pa.int64()),
@@ -257,10 +256,10 @@ def upvoted(
         writes = _raw_write(loaded, node)[None]  # [1, d]
         return _upvoted_rows(loaded, query, None, None, None, writes, k)
     parts = []
-    for batch in contrib.batches(loaded, prompts):
+    for batch in batches(loaded, prompts, token_budget=DEFAULT_TOKEN_BUDGET):
         saved = _capture_node(loaded, batch, node, add_hooks)
-        for row, n in enumerate(batch.lengths):
-            prompt_id = batch.prompt_ids[row]
+        for row, n in enumerate(batch.lengths.tolist()):
+            prompt_id = batch.prompt_id(row)
             if node.token is None:
                 positions = torch.arange(n)
             else:

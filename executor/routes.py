@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 
 from tdbql.executor import contrib
+from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, batches
 from tdbql.executor.hooks import HookSet
 from tdbql.query.plan import PromptRow, RoutesQuery, TdbqlError
 
@@ -171,19 +172,19 @@ def routes(
         raise TdbqlError(f"routes threshold must be in [0, 1), not {query.threshold}")
     n_layers = loaded.info().n_layers
     nodes, edges = [], []
-    for batch in contrib.batches(loaded, prompts, token_budget):
-        store = _LayerStore(len(batch.lengths), n_layers, query)
+    for batch in batches(loaded, prompts, token_budget=token_budget):
+        store = _LayerStore(len(batch), n_layers, query)
         capture = contrib.ContributionCapture(
             loaded.model, batch, range(n_layers), attention=True, mlp_blocks=True, neurons=False,
             norm=query.norm, queries=None, sink=store, tile_elements=tile_elements,
         )
         contrib.run_capture(loaded, batch, capture)
-        for row, n in enumerate(batch.lengths):
-            start = _from_position(query.from_token, n, batch.prompt_ids[row])
+        for row, n in enumerate(batch.lengths.tolist()):
+            start = _from_position(query.from_token, n, batch.prompt_id(row))
             reach = reachable(store.attn[row], store.mlp[row], n, start)
             tokens = [loaded.token_str(i) for i in batch.token_ids[row]]
-            nodes.append(node_table(batch.prompt_ids[row], reach, tokens))
-            edges.append(edge_table(batch.prompt_ids[row], store.attn[row], store.mlp[row], reach))
+            nodes.append(node_table(batch.prompt_id(row), reach, tokens))
+            edges.append(edge_table(batch.prompt_id(row), store.attn[row], store.mlp[row], reach))
     return {
         "route_nodes": _concat(nodes, NODE_SCHEMA),
         "route_edges": _concat(edges, EDGE_SCHEMA),
@@ -298,7 +299,7 @@ def attention_map(
     if bad:
         raise TdbqlError(f"head {bad[0]} does not exist; the model has heads 0..{info.n_heads - 1}")
     parts = []
-    for batch in contrib.batches(loaded, prompts):
+    for batch in batches(loaded, prompts, token_budget=DEFAULT_TOKEN_BUDGET):
         probs: dict[int, torch.Tensor] = {}
         shares: dict[int, torch.Tensor] = {}
 
@@ -317,11 +318,11 @@ def attention_map(
         capture.install(hooks)
         with torch.no_grad():
             loaded.model(batch.input_ids, attention_mask=batch.attention_mask, hooks=hooks)
-        for row, n in enumerate(batch.lengths):
+        for row, n in enumerate(batch.lengths.tolist()):
             tokens = [loaded.token_str(i) for i in batch.token_ids[row]]
             p = probs["all"][row][heads][:, :n, :n].permute(1, 2, 0)  # [t, u, h]
             c = shares[row][..., heads]  # [t, u, h]
-            parts.append(_map_rows(batch.prompt_ids[row], layer, heads, p, c, tokens))
+            parts.append(_map_rows(batch.prompt_id(row), layer, heads, p, c, tokens))
     return _concat(parts, MAP_SCHEMA)
 
 

@@ -7,8 +7,9 @@ from collections import defaultdict
 
 import pytest
 
+from tdbql.executor.batching import batches
 from tdbql.executor.engine import Engine
-from tdbql.query.plan import Condition, NodeQuery, Range, ScalarSpec
+from tdbql.query.plan import Condition, NodeQuery, PromptRow, Range, ScalarSpec, TdbqlError
 
 from test_scalars import LOSS, prompts
 
@@ -150,3 +151,72 @@ def test_ties_break_in_canonical_order(tiny_model):
     same(one, many)
     keys = [_key(r) for r in one.to_pylist()]
     assert keys == sorted(keys, key=lambda k: (k[0], ["embed", "attn", "head", "mlp"].index(k[2]), k[1], k[4], k[5], k[3]))
+
+
+# --- executor/batching.py: the one way prompts become padded batches ---------------------------------
+
+
+def _check_padding(loaded, batch, rows) -> None:
+    encoded = [loaded.encode(r.text) for r in rows]
+    assert batch.rows == rows and batch.token_ids == encoded
+    assert batch.prompt_ids.tolist() == [r.prompt_id for r in rows]
+    assert batch.lengths.tolist() == [len(ids) for ids in encoded]
+    assert batch.input_ids.shape == (len(rows), max(len(ids) for ids in encoded))
+    for b, ids in enumerate(encoded):
+        assert batch.input_ids[b, : len(ids)].tolist() == ids
+        assert batch.attention_mask[b].tolist() == [True] * len(ids) + [False] * (batch.input_ids.shape[1] - len(ids))
+        assert batch.input_ids[b, len(ids):].eq(0).all()
+
+
+@pytest.mark.parametrize("max_prompts", [1, 2, 5, 9])
+def test_batches_by_prompt_count(tiny_model, max_prompts):
+    loaded = tiny_model("gpt2")
+    rows = prompts(TEXTS)
+    got = list(batches(loaded, rows, max_prompts=max_prompts))
+    assert [len(b) for b in got] == [min(max_prompts, len(rows) - i) for i in range(0, len(rows), max_prompts)]
+    assert [o for b in got for o in b.ordinals.tolist()] == list(range(len(rows)))
+    for i, batch in enumerate(got):
+        _check_padding(loaded, batch, rows[i * max_prompts: (i + 1) * max_prompts])
+
+
+@pytest.mark.parametrize("budget", [1, 20, 30, 60, 10_000])
+def test_batches_by_padded_token_budget_are_greedy(tiny_model, budget):
+    loaded = tiny_model("gpt2")
+    rows = prompts(TEXTS)
+    lengths = [len(loaded.encode(r.text)) for r in rows]
+    got = list(batches(loaded, rows, token_budget=budget))
+    start = 0
+    for batch in got:
+        stop = start + len(batch)
+        _check_padding(loaded, batch, rows[start:stop])
+        assert len(batch) == 1 or batch.input_ids.numel() <= budget
+        if stop < len(rows):  # one more prompt would break the budget
+            assert max(lengths[start: stop + 1]) * (stop + 1 - start) > budget
+        start = stop
+    assert start == len(rows)
+
+
+def test_batches_keep_attrib_patch_pairs_whole(tiny_model):
+    loaded = tiny_model("gpt2")
+    rows = prompts(["one two three", "one two three", "The cat sat on the mat", "The cat sat on the mat"])
+    width = max(len(loaded.encode(r.text)) for r in rows)
+    assert [len(b) for b in batches(loaded, rows, max_prompts=3, pairs=True)] == [4]
+    assert [len(b) for b in batches(loaded, rows, max_prompts=3)] == [3, 1]
+    assert [len(b) for b in batches(loaded, rows, token_budget=3 * width, pairs=True)] == [2, 2]
+    assert [len(b) for b in batches(loaded, rows, token_budget=1, pairs=True)] == [2, 2]
+    with pytest.raises(TdbqlError, match="even number"):
+        list(batches(loaded, rows[:3], max_prompts=2, pairs=True))
+    with pytest.raises(TdbqlError, match="must match"):
+        list(batches(loaded, prompts(["one two three", "one"]), max_prompts=2, pairs=True))
+
+
+def test_batches_reject_empty_and_too_long_prompts_before_any_batch(tiny_model):
+    loaded = tiny_model("gpt2")
+    n_ctx = loaded.info().n_ctx
+    too_long = [PromptRow(prompt_id=0, text="ok"), PromptRow(prompt_id=7, text=" a" * (n_ctx + 1))]
+    with pytest.raises(TdbqlError, match=f"prompt 7 has {n_ctx + 1} tokens; the model reads at most {n_ctx}"):
+        next(batches(loaded, too_long, max_prompts=1))
+    with pytest.raises(TdbqlError, match="prompt 3 has no tokens"):
+        next(batches(loaded, [PromptRow(prompt_id=3, text="")], token_budget=100))
+    with pytest.raises(ValueError, match="exactly one"):
+        next(batches(loaded, too_long[:1]))

@@ -197,3 +197,24 @@ def test_contribution_scalar_comes_from_contrib_with_ablations(tiny_model):
     for r in want:
         key = (r["prompt_id"], r["component"], r["layer"], r["unit"], r["position"], r["attended"])
         assert abs(got[key] - r["contribution"]) < 1e-6
+
+
+def test_logprobs_rank_like_logits_and_equal_log_softmax(tiny_model):
+    from tdbql.query.plan import LogitsQuery
+
+    loaded = tiny_model("gpt2")
+    engine = Engine(loaded, batch_size=2)
+    where = (Condition(field="token", op="in", value=(-1, -2)),)
+    logits = engine.run(LogitsQuery(k=5, where=where), prompts(TEXTS))["result"]
+    logprobs = engine.run(LogitsQuery(k=5, where=where, logprobs=True), prompts(TEXTS))["result"]
+    assert "logprob" in logprobs.column_names and "logit" not in logprobs.column_names
+    ids = ("prompt_id", "position", "vocab_id", "rank")
+    assert [tuple(r[c] for c in ids) for r in logprobs.to_pylist()] == [tuple(r[c] for c in ids) for r in logits.to_pylist()]
+    assert logprobs.num_rows == 5 * 2 * len(TEXTS)
+    for row in prompts(TEXTS):
+        with torch.no_grad():
+            want = torch.log_softmax(loaded.model(torch.tensor([loaded.encode(row.text)]))[0].double(), -1)
+        for r in logprobs.to_pylist():
+            if r["prompt_id"] == row.prompt_id:
+                assert abs(r["logprob"] - float(want[r["position"], r["vocab_id"]])) < 1e-5
+                assert abs(r["prob"] - float(want[r["position"], r["vocab_id"]].exp())) < 1e-6

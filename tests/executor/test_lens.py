@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_hf
+from tests.executor.conftest import load_hf
 
 from tdbql.executor import lens
 from tdbql.executor.hooks import HookSet
@@ -209,7 +209,7 @@ def test_lens_runs_under_hooks_the_engine_adds(tiny_model):
     calls = []
 
     def zero_attention(hooks: HookSet, batch) -> None:
-        calls.append(batch.prompt_ids)
+        calls.append(batch.prompt_ids.tolist())
         hooks.add("attn.out", 1, torch.zeros_like)
 
     cond = where(layer=("=", 1))
