@@ -27,19 +27,25 @@ CORPUS = [
 ]
 
 
-def _tokenizer_json() -> str:
+def train_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2 style) trained on `corpus`, so that " Mary" and " John" are tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300,
+        vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=["<|endoftext|>"],
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def _tokenizer_json() -> str:
+    tok = train_tokenizer(CORPUS, 300)
     assert tok.get_vocab_size() <= VOCAB
     return tok.to_str()
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import hf_config
+from tests.executor.conftest import hf_config
 
 from tdbql.executor import loading
 from tdbql.executor.autoencoder import Autoencoder, save_saelens

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_hf
+from tests.executor.conftest import load_hf
 
 from tdbql.executor.hooks import GLOBAL_LOCATIONS, LOCATIONS, HookSet
 from tdbql.executor.model import hook_alias

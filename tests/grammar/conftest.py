@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from lang_helpers import fake_tokenize, tiny_model_info
+from tests.grammar.lang_helpers import fake_tokenize, tiny_model_info
 
 from tdbql.query.plan import ModelInfo
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lang_helpers import fake_tokenize, tiny_model_info
+from tests.grammar.lang_helpers import fake_tokenize, tiny_model_info
 
 from tdbql.grammar.parse import KEYWORDS, parse
 from tdbql.query.bind import bind

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.executor.conftest import train_tokenizer
+
 CORPUS = [
     "When Mary and John went to the store, John gave a drink to Mary.",
     "When John and Mary went to the park, Mary gave a ball to John.",
@@ -21,19 +23,7 @@ CORPUS = [
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    return tok
+    return train_tokenizer(CORPUS, 400)
 
 
 def write_tiny_gpt2(folder: Path) -> Path:
