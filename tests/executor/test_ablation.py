@@ -10,7 +10,7 @@ from tdbql.executor.engine import Engine
 from tdbql.executor.hooks import HookSet
 from tdbql.query.plan import Ablation, Condition, LogitsQuery, NodeQuery, NodeRef, ScalarSpec
 
-from test_scalars import LOSS, Reference, engine_rows, prompts, random_sae
+from tests.executor.test_scalars import LOSS, Reference, engine_rows, prompts, random_sae
 
 TEXTS = ["When Mary and John went to the store, John gave a drink to", "The cat sat on the mat"]
 

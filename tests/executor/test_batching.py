@@ -11,7 +11,7 @@ from tdbql.executor.batching import batches
 from tdbql.executor.engine import Engine
 from tdbql.query.plan import Condition, NodeQuery, PromptRow, Range, ScalarSpec, TdbqlError
 
-from test_scalars import LOSS, prompts
+from tests.executor.test_scalars import LOSS, prompts
 
 TEXTS = [
     "When Mary and John went to the store, John gave a drink to",

@@ -20,7 +20,7 @@ from tdbql.query.plan import (
     Trace,
 )
 
-from test_scalars import LOSS, prompts
+from tests.executor.test_scalars import LOSS, prompts
 
 TEXTS = ["When Mary and John went to the store", "The cat sat on the mat"]
 

@@ -11,7 +11,7 @@ import pytest
 
 from tdbql.query.plan import NodeQuery, NodeRef, ScalarSpec, Trace
 
-from test_scalars import SCALARS, Reference, assert_matches, engine_rows, expected, prompts, random_sae
+from tests.executor.test_scalars import SCALARS, Reference, assert_matches, engine_rows, expected, prompts, random_sae
 
 TEXTS = ["When Mary and John went to the store", "The cat sat on the mat"]
 
