@@ -7,7 +7,8 @@
 A node query runs, per batch of right-padded prompts: (optionally, once before everything, a
 forward pass over the prompt set to compute `=mean` ablation values), one forward pass with only
 the hooks the plan needs, at most one backward pass (`torch.autograd.grad` on the summed
-per-prompt objective: the loss, or a traced node's pre-activation), and, for `in_edge` of nodes
+per-prompt objective: the loss, or a traced node's pre-activation; a trace `via v` first takes one
+extra backward from the loss for g_down, see `_value_trace_objective`), and, for `in_edge` of nodes
 downstream of a trace, one forward-mode (JVP) pass. Weights never take gradients; the first
 location whose gradient is needed re-enters autograd with `x.detach().requires_grad_()`, so
 nothing below it is recorded. Derivers turn the captured tensors into node values per
@@ -125,7 +126,10 @@ def location_rank(raw: Raw) -> tuple[float, int]:
 
 @dataclass(frozen=True)
 class TraceSpec:
-    """The traced node: its objective location (captured with autograd), read residual, detaches."""
+    """The traced node: its objective location (captured with autograd), read residual, detaches.
+
+    `via="v"` (attention only) traces A[t,u,h]·(v[u,h] W_O[h])·stopgrad(g_down[t]) instead of
+    the QK logit; `inputs` are the other live tensors that objective reads."""
 
     kind: str
     layer: int
@@ -136,6 +140,13 @@ class TraceSpec:
     read: Raw  # gradient location for direct effects ("g")
     detach: tuple[tuple[str, int], ...]  # hook locations returning x.detach()
     write: str  # hook location where the node's write enters (for the JVP pass)
+    via: str | None = None  # attention: "q" | "k" | "qk" (the logit) or "v" (the value path)
+    inputs: tuple[Raw, ...] = ()  # more tensors the objective reads, captured with autograd
+
+    @property
+    def needs_loss(self) -> bool:
+        """A V trace weighs the head's write by g_down, the loss gradient after the layer."""
+        return self.via == "v"
 
 
 @dataclass
@@ -242,7 +253,7 @@ class Engine:
             pairs="attrib_patch" in computed,
         )
         if trace is not None and plan.needs_backward:
-            plan.raws = plan.raws | {trace.objective}
+            plan.raws = plan.raws | {trace.objective, *trace.inputs}
         plan.grad_entry = self._grad_entry(plan)
         plan.relative_positions = _token_conditions_relative(query.where)
         self._check_plan(plan, prompts)
@@ -320,10 +331,10 @@ class Engine:
                              (("ln2.scale", L),), "mlp.out")
         if node.component == "attn":
             self._check_index(node.index, self.cfg.n_heads, "head")
+            if trace.via == "v":
+                return self._value_trace(node)
             if node.key is None:
                 raise TdbqlError("trace of an attention head needs a key token: attn[L,H]@t:u")
-            if trace.via == "v":
-                raise TdbqlError("trace via v is not supported; trace the QK logit via q, k or qk")
             detach = [("ln1.scale", L)]
             if trace.via == "q":
                 detach.append(("attn.k", L))
@@ -343,6 +354,14 @@ class Engine:
             return TraceSpec(node.component, L, node.index, node.token, None, Raw(SAE_INPUT[site], L, "fwd"),
                              read, detach, write)
         raise TdbqlError(f"cannot trace {node.component}; trace mlp, attn or sae nodes")
+
+    def _value_trace(self, node: NodeRef) -> TraceSpec:
+        """`trace attn[L,H]@t[:u] via v`: only the V path stays attached (Q, K and the ln1 scale
+        detached); the objective reads A and v of layer L and g_down at resid.mid of layer L."""
+        L = node.layer
+        return TraceSpec("attn", L, node.index, node.token, node.key, Raw("attn.v", L, "fwd"),
+                         Raw("resid.pre", L, "bwd"), (("ln1.scale", L), ("attn.q", L), ("attn.k", L)),
+                         "attn.out", via="v", inputs=(Raw("attn.probs", L), Raw("resid.mid", L)))
 
     def _check_index(self, index: int, size: int, what: str) -> None:
         if not 0 <= index < size:
@@ -372,12 +391,19 @@ class Engine:
         bwd = [r for r in plan.raws if r.pass_ == "bwd"]
         if not bwd:
             return None
+        if plan.trace is not None and plan.trace.needs_loss:  # g_down: a gradient at resid.mid of the layer
+            bwd.append(Raw("resid.pre", plan.trace.layer, "bwd"))
         lowest = min(bwd, key=location_rank)
         if lowest.location == "resid.embed" or lowest.layer is None:
             return Raw("resid.embed", None)
         return Raw("resid.pre", lowest.layer)
 
     def _check_plan(self, plan: NodePlan, prompts: Sequence[PromptRow]) -> None:
+        if plan.needs_backward and plan.trace is not None and plan.trace.needs_loss and plan.loss is None \
+                and not all(p.target for p in prompts):
+            t = plan.trace
+            raise TdbqlError(f"trace attn[{t.layer},{t.index}] via v weighs the head's write by the loss gradient: "
+                             "set a loss with `target \" Mary\" vs \" John\"`")
         if plan.needs_backward and plan.trace is None and plan.loss is None and not all(p.target for p in prompts):
             needing = [name for name in plan.computed if any(
                 ds.get(name) is not None and any(r.pass_ == "bwd" for r in ds[name].needs(site))
@@ -540,13 +566,15 @@ class Engine:
     def _add_freezes(self, hooks: HookSet, plan: NodePlan) -> None:
         if not plan.needs_backward:
             return
-        if plan.trace is None and plan.freeze_ln_f:
+        if (plan.trace is None or plan.trace.needs_loss) and plan.freeze_ln_f:
             hooks.add("ln_f.scale", None, _detach)
         if plan.trace is not None:
             for location, layer in plan.trace.detach:
                 hooks.add(location, layer, _detach)
 
     def _objective(self, plan: NodePlan, batch: Batch, logits: torch.Tensor, store: RawStore) -> torch.Tensor:
+        if plan.trace is not None and plan.trace.needs_loss:
+            return self._value_trace_objective(plan, batch, logits, store)
         if plan.trace is not None:
             return self._trace_objective(plan.trace, batch, store)
         per_prompt = prompt_losses(self.loaded, plan.loss, batch.rows, logits, batch.lengths)
@@ -565,6 +593,28 @@ class Engine:
             return x[b, trace.index, t, u].sum()
         ae = self.loaded.saes[(SAE_KINDS[trace.kind], trace.layer)]
         return ae.pre_activation(x[b, t])[:, trace.index].sum()
+
+    def _value_trace_objective(self, plan: NodePlan, batch: Batch, logits: torch.Tensor, store: RawStore) -> torch.Tensor:
+        """Σ over prompts of A[t,u,h]·(v[u,h] W_O[h])·stopgrad(g_down[t]), summed over keys u ≤ t
+        when the trace names no key. g_down = ∂loss/∂resid.mid[L] at t (ln_f scale frozen as for
+        the loss): the one extra backward a V trace costs, with the graph kept for the main one."""
+        trace = plan.trace
+        L, h = trace.layer, trace.index
+        loss = prompt_losses(self.loaded, plan.loss, batch.rows, logits, batch.lengths).sum()
+        (g_down,) = torch.autograd.grad(loss, store.live(Raw("resid.mid", L)), retain_graph=True)  # no graph: stopgrad
+        b = torch.arange(len(batch.rows), device=logits.device)
+        t = resolve_tokens(trace.token, batch)
+        probs = store.live(Raw("attn.probs", L))[b, h, t]  # (batch, key); Q and K detached: a constant
+        v = store.live(trace.objective)[:, :, h // (self.cfg.n_heads // self.cfg.n_kv_heads)]  # (batch, key, d_head)
+        g_head = g_down[b, t] @ self.model.W_O(L)[h].T  # (batch, d_head): g_down read back through W_O[h]
+        per_key = probs * torch.einsum("bue,be->bu", v, g_head)  # (batch, key)
+        if trace.key is None:
+            keys = torch.arange(per_key.shape[1], device=per_key.device)
+            return torch.where(keys[None, :] <= t[:, None], per_key, 0).sum()
+        u = resolve_tokens(trace.key, batch)
+        if bool((u > t).any()):
+            raise TdbqlError(f"trace attn[{L},{h}]: key {trace.key} comes after token {trace.token}")
+        return per_key[b, u].sum()
 
     # -- forward-mode pass for in_edge of nodes downstream of a trace --
 
@@ -610,8 +660,14 @@ class Engine:
         if trace.kind == "mlp":
             return primal["mlp.post"][b, t, i, None] * self.model.W_out(L)[i]
         if trace.kind == "attn":
-            u = resolve_tokens(trace.key, batch)
             group = self.cfg.n_heads // self.cfg.n_kv_heads
+            if trace.key is None:  # a V trace without a key: the head's whole write, keys u <= t
+                probs = primal["attn.probs"][b, i, t]  # (batch, key)
+                keys = torch.arange(probs.shape[1], device=probs.device)
+                probs = torch.where(keys[None, :] <= t[:, None], probs, 0)
+                z = torch.einsum("bu,bue->be", probs, primal["attn.v"][:, :, i // group])
+                return z @ self.model.W_O(L)[i]
+            u = resolve_tokens(trace.key, batch)
             v = primal["attn.v"][b, u, i // group]  # (batch, d_head)
             return primal["attn.probs"][b, i, t, u, None] * (v @ self.model.W_O(L)[i])
         site = SAE_KINDS[trace.kind]

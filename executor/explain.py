@@ -48,11 +48,17 @@ def _passes(plan) -> list[str]:
     forward = "per batch: forward" + (" (autograd from " + _where(plan.grad_entry) + ")" if plan.grad_entry else " under no_grad")
     passes.append(forward)
     if plan.needs_backward:
-        if plan.trace is not None:
-            t = plan.trace
+        kind = plan.loss.kind if plan.loss is not None else "logit_diff"
+        t = plan.trace
+        if t is not None and t.needs_loss:
+            passes.append(f"per batch: extra backward (torch.autograd.grad, retain_graph) from the {kind} loss to "
+                          f"resid.mid[{t.layer}] at token {t.token}: g_down, the one extra backward a V trace costs")
+            keys = f"key {t.key}" if t.key is not None else "summed over keys u <= t"
+            origin = (f"A·(v W_O)·stopgrad(g_down) of attn[{t.layer},{t.index}]@{t.token} ({keys}; "
+                      "V path only: Q, K and the ln1 scale detached)")
+        elif t is not None:
             origin = f"the pre-activation of {t.kind}[{t.layer},{t.index}]@{t.token}" + (f":{t.key}" if t.key is not None else "")
         else:
-            kind = plan.loss.kind if plan.loss is not None else "logit_diff"
             origin = f"the {kind} loss at each prompt's last token"
         passes.append(f"per batch: backward (torch.autograd.grad, no weight gradients) from {origin}")
     if plan.needs_jvp:
@@ -65,7 +71,7 @@ def _hooks(plan) -> list[str]:
     for a in plan.ablations:
         at = "all tokens" if a.token is None else f"token {a.token}"
         lines.append(f"{a.location}[{a.layer}]  ablate index {a.index} at {at} = {a.value}")
-    if plan.needs_backward and plan.trace is None and plan.freeze_ln_f:
+    if plan.needs_backward and (plan.trace is None or plan.trace.needs_loss) and plan.freeze_ln_f:
         lines.append("ln_f.scale  detach (ln_f scale frozen in the backward pass)")
     if plan.needs_backward and plan.trace is not None:
         for location, layer in plan.trace.detach:

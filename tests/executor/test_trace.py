@@ -1,25 +1,36 @@
 """Tracing: the objective is a node's pre-activation (layer-norm scale detached). The engine's
 scalars must equal plain autograd from that pre-activation, written by hand with hooks; direct
 effects use the gradient at the residual the node reads and are zero for nodes not strictly
-upstream. `in_edge` downstream of the trace equals a hand-derived forward-mode derivative."""
+upstream. `in_edge` downstream of the trace equals a hand-derived forward-mode derivative.
+A trace `via v` is A·(v W_O)·stopgrad(g_down) with g_down the loss gradient after the layer."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from tdbql.query.plan import NodeQuery, NodeRef, ScalarSpec, Trace
 
-from tests.executor.test_scalars import SCALARS, Reference, assert_matches, engine_rows, expected, prompts, random_sae
+from tests.executor.test_scalars import (
+    LOSS,
+    SCALARS,
+    Reference,
+    assert_matches,
+    engine_rows,
+    expected,
+    prompts,
+    random_sae,
+)
 
 TEXTS = ["When Mary and John went to the store", "The cat sat on the mat"]
 
 
-def traced(loaded, trace: Trace, components, scalars=SCALARS):
+def traced(loaded, trace: Trace, components, scalars=SCALARS, loss=None):
     query = NodeQuery(mode="select", scalars=tuple(ScalarSpec(name=s) for s in scalars), components=components,
                       trace=trace)
-    return engine_rows(loaded, query, prompts(TEXTS), loss=None)
+    return engine_rows(loaded, query, prompts(TEXTS), loss=loss)
 
 
 def reference(loaded, objective, extra, read, upstream):
@@ -77,6 +88,84 @@ def test_trace_attention_logit_via_q_k(tiny_model, via):
         upstream=lambda kind, layer: layer is None or layer < 1,
     )
     assert_matches(got, want, SCALARS, ("mlp", "attn", "embed"))
+
+
+def _value_objective(loaded, h: int, key: int | None):
+    """The V-trace scalar by hand for one prompt: g_down = ∂(logit diff)/∂attn.out[1] at the last
+    token (its own autograd.grad, so no graph: stopgrad), times A[-1,u,h] v[u,h] W_O[h]."""
+    target, distractor = loaded.encode(" Mary")[0], loaded.encode(" John")[0]
+    group = loaded.config.n_heads // loaded.config.n_kv_heads
+    W_O = loaded.model.W_O(1)[h]  # (d_head, d_model)
+
+    def objective(r):
+        loss = r.logits[0, -1, target] - r.logits[0, -1, distractor]
+        (g_attn_out,) = torch.autograd.grad(loss, r.x[("attn.out", 1)], retain_graph=True)
+        for x in r.x.values():  # autograd.grad also fills retain_grad() tensors: start the trace clean
+            x.grad = None
+        g_down = g_attn_out[0, -1]  # (d_model,)
+        A = r.x[("attn.probs", 1)][0, h, -1]  # (key,)
+        write = r.x[("attn.v", 1)][0, :, h // group] @ W_O  # (key, d_model)
+        per_key = A * (write @ g_down)
+        return per_key.sum() if key is None else per_key[key]
+
+    return objective
+
+
+@pytest.mark.parametrize("key", [0, None])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_trace_attention_via_v(tiny_model, arch, key):
+    loaded = tiny_model(arch)
+    h = 2
+    trace = Trace(node=NodeRef(component="attn", layer=1, index=h, token=-1, key=key), via="v")
+    components = ("mlp", "attn", "head", "embed")
+    got = traced(loaded, trace, components, loss=LOSS)
+    want = reference(
+        loaded,
+        objective=_value_objective(loaded, h, key),
+        extra=_detach(("ln1.scale", 1), ("attn.q", 1), ("attn.k", 1), ("ln_f.scale", None)),
+        read=("resid.pre", 1),
+        upstream=lambda kind, layer: layer is None or layer < 1,
+    )
+    assert_matches(got, want, SCALARS, components)
+    # the V path is the only one attached: layer 0 gets gradient, layer >= 1 (not upstream) gets 0
+    assert any(abs(r["grad"]) > 1e-3 for k, r in got.items() if k[1] == "mlp" and k[2] == 0)
+    later = [r for k, r in got.items() if k[2] is not None and k[2] >= 1]
+    assert later and all(r[s] == 0 for r in later for s in ("grad", "act_times_grad", "direct_effect"))
+
+
+def test_in_edge_downstream_of_a_keyless_v_trace_is_the_whole_head_write(tiny_model):
+    """Without a key the traced write is z[t,h] W_O[h] (all keys u <= t); MLP neurons of layer 1
+    read it through the frozen ln2 scale."""
+    loaded = tiny_model("gpt2")
+    m, h = loaded.model, 1
+    trace = Trace(node=NodeRef(component="attn", layer=0, index=h, token=-1), via="v")
+    got = traced(loaded, trace, ("mlp",), scalars=("in_edge",), loss=LOSS)
+    for row in prompts(TEXTS):
+        scales = {}
+        ref = Reference(loaded, row.text, extra=lambda hooks: hooks.add(
+            "ln2.scale", 1, lambda x: scales.__setitem__("ln2", x.detach()[0])))
+        t = ref.T - 1
+        w = ref.val("attn.z", 0)[t, h] @ m.W_O(0)[h]  # (d_model,)
+        want = ((w - w.mean()) / scales["ln2"][t] * m.blocks[1].ln2.weight) @ m.W_in(1)  # (d_mlp,)
+        for j in range(loaded.config.d_mlp):
+            assert abs(got[(row.prompt_id, "mlp", 1, j, t, None)]["in_edge"] - float(want[j])) < 1e-5
+            assert got[(row.prompt_id, "mlp", 1, j, t - 1, None)]["in_edge"] == 0
+
+
+def test_trace_via_v_needs_a_loss_and_explain_counts_the_extra_backward(tiny_model):
+    from tdbql.executor.engine import Engine
+    from tdbql.query.plan import TdbqlError
+
+    loaded = tiny_model("gpt2")
+    trace = Trace(node=NodeRef(component="attn", layer=1, index=2, token=-1), via="v")
+    query = NodeQuery(mode="topk", k=5, scalars=(ScalarSpec(name="act_times_grad"),), trace=trace)
+    with pytest.raises(TdbqlError, match="via v .* loss"):
+        Engine(loaded).run(query, prompts(TEXTS), None)
+    text = Engine(loaded).explain(query, prompts(TEXTS), LOSS)
+    assert "one extra backward a V trace costs" in text
+    assert "summed over keys u <= t" in text
+    for hook in ("attn.q[1]  detach", "attn.k[1]  detach", "ln1.scale[1]  detach", "ln_f.scale  detach"):
+        assert hook in text
 
 
 def test_trace_sae_latent(tiny_model):
