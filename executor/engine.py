@@ -24,6 +24,7 @@ up to the loss exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -203,6 +204,7 @@ class Engine:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.weights = Weights(self.model, loaded.saes)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
 
     # -- entry points --
 
@@ -212,7 +214,27 @@ class Engine:
             raise TdbqlError(f"the engine cannot run a {type(query).__name__}")
         if not prompts:
             raise TdbqlError("no prompts: add one with `prompt \"...\"` or `prompts from ...`")
-        return visit(query, prompts, loss)
+        with self._intra_op_threads(prompts):
+            return visit(query, prompts, loss)
+
+    def _intra_op_threads(self, prompts: Sequence[PromptRow]):
+        """One CPU thread for small batches (a REPL query on a small model): their matmuls are
+        microseconds, and a parallel region waits for every thread, so on a loaded machine each
+        op can stall for a scheduler slice (measured: a 4-layer d_model-128 query took 1.35 s with
+        2 threads on 2 contended cores, 37 ms with one). Large batches keep torch's setting."""
+        if self.loaded.device.type != "cpu" or torch.get_num_threads() == 1:
+            return contextlib.nullcontext()
+        if self._batch_work(prompts) > SMALL_BATCH_WORK:
+            return contextlib.nullcontext()
+        return _threads(1)
+
+    def _batch_work(self, prompts: Sequence[PromptRow]) -> int:
+        """Prompts per batch x the longest of the first batch's prompts (in tokens) x parameters
+        (model and autoencoders): roughly one batch's forward multiply-adds."""
+        per_batch = min(len(prompts), self.batch_size or 64)
+        longest = max(len(self.loaded.encode(p.text)) for p in prompts[:per_batch])
+        sae_params = sum(p.numel() for ae in self.loaded.saes.values() for p in ae.parameters())
+        return per_batch * longest * (self.n_params + sae_params)
 
     def explain(self, query, prompts: Sequence[PromptRow], loss: Loss | None = None) -> str:
         from tdbql.executor.explain import explain_plan
@@ -462,7 +484,7 @@ class Engine:
                 self.progress(i + 1, n_batches)
         if over is not None:
             for block in over.finish():
-                block.mask &= _scalar_mask(query.where, block)
+                block.mask = _and(block.mask, _scalar_mask(query.where, block))
                 sink.add(block)
         rows = sink.result()
         if rows is not None and "rank" in rows:
@@ -521,13 +543,16 @@ class Engine:
         shape = next(v.shape for v in values.values() if v is not None)
         values = {k: (v if v is not None else torch.full(shape, float("nan"), device=batch.input_ids.device))
                   for k, v in values.items()}
-        block = Block(site.kind, site.layer, values, torch.ones(shape, dtype=torch.bool, device=batch.input_ids.device), meta)
+        everything = torch.ones((), dtype=torch.bool, device=batch.input_ids.device).expand(shape)  # a view
+        block = Block(site.kind, site.layer, values, everything, meta)
         if site.kind == "attn":
             block.key_position = meta.position
             block.key_token_id = meta.token_id
-        block.mask = self._valid(block, batch) & _field_mask(plan.query.where, block, batch.lengths)
+        # masks stay broadcast views until a condition needs a full tensor (no per-block fills)
+        mask = _and(self._valid(block, batch), _field_mask(plan.query.where, block, batch.lengths))
         if plan.query.over_prompts is None:
-            block.mask &= _scalar_mask(plan.query.where, block)
+            mask = _and(mask, _scalar_mask(plan.query.where, block))
+        block.mask = mask
         return block
 
     def _valid(self, block: Block, batch: Batch) -> torch.Tensor:
@@ -705,7 +730,7 @@ class Engine:
         block = Block("embed", None, {}, torch.ones(B, T, 1, 1, dtype=torch.bool, device=logits.device),
                       BatchMeta(batch.ordinals, batch.prompt_ids,
                                 torch.arange(T, device=logits.device).expand(B, T), batch.input_ids))
-        keep = self._valid(block, batch) & _field_mask(query.where, block, batch.lengths)
+        keep = _and(self._valid(block, batch), _field_mask(query.where, block, batch.lengths))
         b, t = keep[:, :, 0, 0].nonzero(as_tuple=True)
         if b.numel() == 0:
             return None
@@ -773,6 +798,19 @@ def _optional_module(name: str, what: str):
         return importlib.import_module(name)
     except ImportError as err:
         raise TdbqlError(f"{what} is not available in this build ({err})") from None
+
+
+SMALL_BATCH_WORK = 5 * 10**8  # tokens x parameters per batch (~1 GFLOP forward) run on one CPU thread
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _default_budget(device: torch.device) -> int:
@@ -949,11 +987,21 @@ def _compare(x: torch.Tensor, op: str, value, *, rel: torch.Tensor | None = None
     return ops[op](y, value)
 
 
-def _field_mask(where: Sequence[Condition], block: Block, lengths: torch.Tensor) -> torch.Tensor:
-    """Conditions on node fields (not scalars), broadcast to (batch, token, key, unit)."""
+def _and(mask: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    """`mask & other` (None: no condition), keeping `mask`'s shape."""
+    if other is None:
+        return mask
+    return (mask & other).expand(mask.shape)
+
+
+def _field_mask(where: Sequence[Condition], block: Block, lengths: torch.Tensor) -> torch.Tensor | None:
+    """Conditions on node fields (not scalars), broadcastable to (batch, token, key, unit);
+    None when there are none."""
+    if all(cond.field in ("layer", "component") or cond.field not in NODE_FIELDS for cond in where):
+        return None
     B, T, K, U = block.mask.shape
     device = block.mask.device
-    out = torch.ones(B, T, K, U, dtype=torch.bool, device=device)
+    out = torch.ones((), dtype=torch.bool, device=device)
     t = torch.arange(T, device=device)[None, :, None, None]
     length = lengths[:, None, None, None]
     units = torch.arange(U, device=device)[None, None, None, :]
@@ -982,8 +1030,11 @@ def _field_mask(where: Sequence[Condition], block: Block, lengths: torch.Tensor)
     return out
 
 
-def _scalar_mask(where: Sequence[Condition], block: Block) -> torch.Tensor:
-    out = torch.ones_like(block.mask)
+def _scalar_mask(where: Sequence[Condition], block: Block) -> torch.Tensor | None:
+    """Conditions on scalars (NaN fails every condition); None when there are none."""
+    if all(cond.field in NODE_FIELDS for cond in where):
+        return None
+    out = torch.ones((), dtype=torch.bool, device=block.mask.device)
     for cond in where:
         if cond.field in NODE_FIELDS:
             continue

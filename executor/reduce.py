@@ -139,8 +139,11 @@ class TopKSink:
         return torch.nan_to_num(score, nan=float("-inf"))
 
     def add(self, block: Block) -> None:
-        score = self._score(block.values[self.rank_by]).masked_fill(~block.mask, float("-inf"))
-        keep = block.mask & ~torch.isnan(block.values[self.rank_by]) & (score >= self._threshold(score))
+        values = block.values[self.rank_by]
+        candidate = block.mask & ~torch.isnan(values)
+        # NaN and masked-out nodes score -inf (a real -inf value scores the lowest finite float, as in _score)
+        score = torch.where(candidate, torch.nan_to_num(-values if self.bottom else values), float("-inf"))
+        keep = candidate & (score >= self._threshold(score))
         if not keep.any():
             return
         rows = block_rows(block, keep)

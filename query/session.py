@@ -114,6 +114,7 @@ class Session:
         self.prompts: list[PromptRow] = []
         self.loss: Loss | None = None
         self._loaded = None
+        self._engine_cache: tuple | None = None  # (key, Engine), see _engine
         self.con = self._connect()
         self._restore_prompts()
 
@@ -366,10 +367,18 @@ class Session:
     # --- model queries ---------------------------------------------------------------------
 
     def _engine(self):
+        """The Engine for the current model, autoencoders and settings, reused across queries (it
+        caches weight-derived tensors); rebuilt when any of them changes."""
         from tdbql.executor.engine import Engine
 
-        return Engine(self.loaded, batch_size=self.settings.batch_size, progress=self.progress,
-                      freeze_ln_f=self.settings.freeze_ln_f)
+        loaded = self.loaded
+        # the autoencoder objects themselves (not ids): holding them keeps their ids from being reused
+        key = (loaded, tuple(loaded.saes.items()), self.settings.batch_size, self.progress, self.settings.freeze_ln_f)
+        if self._engine_cache is None or not _same_key(self._engine_cache[0], key):
+            engine = Engine(loaded, batch_size=self.settings.batch_size, progress=self.progress,
+                            freeze_ln_f=self.settings.freeze_ln_f)
+            self._engine_cache = (key, engine)
+        return self._engine_cache[1]
 
     def _loss_for(self, query) -> Loss | None:
         return getattr(query, "target", None) or self.loss
@@ -421,6 +430,14 @@ class Session:
 
 
 # --- helpers (pure) ------------------------------------------------------------------------------
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Engine cache keys: the model and autoencoders by identity, settings by value."""
+    (loaded_a, saes_a, *settings_a), (loaded_b, saes_b, *settings_b) = a, b
+    same_saes = len(saes_a) == len(saes_b) and all(
+        ka == kb and ae_a is ae_b for (ka, ae_a), (kb, ae_b) in zip(saes_a, saes_b))
+    return loaded_a is loaded_b and same_saes and settings_a == settings_b
 
 
 def quote_ident(name: str) -> str:
