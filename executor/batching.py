@@ -146,4 +146,20 @@ def resolve_tokens(token: int, batch: Batch) -> torch.Tensor:
     return t
 
 
-__all__ = ["DEFAULT_TOKEN_BUDGET", "AddHooks", "Batch", "batches", "check_pairs", "encode_prompts", "pad", "resolve_tokens"]
+def batch_hooks(batch: Batch, add_hooks: AddHooks | None = None) -> HookSet:
+    """A fresh HookSet holding what `add_hooks` registers for `batch` (e.g. the engine's ablations);
+    capture hooks added afterwards run after them, so they see the edited values."""
+    hooks = HookSet()
+    if add_hooks is not None:
+        add_hooks(hooks, batch)
+    return hooks
+
+
+def forward_no_grad(loaded, batch: Batch, hooks: HookSet) -> torch.Tensor:
+    """One forward pass of `batch` without autograd; returns the logits."""
+    with torch.no_grad():
+        return loaded.model(batch.input_ids, attention_mask=batch.attention_mask, hooks=hooks)
+
+
+__all__ = ["DEFAULT_TOKEN_BUDGET", "AddHooks", "Batch", "batch_hooks", "batches", "check_pairs", "encode_prompts",
+           "forward_no_grad", "pad", "resolve_tokens"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, Batch, batches
+from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, Batch, batch_hooks, batches, forward_no_grad
 from tdbql.executor.hooks import HookSet
 from tdbql.query.plan import PromptRow, TdbqlError
 
@@ -338,12 +338,9 @@ def run_capture(
     add_hooks: AddHooks | None = None,
 ) -> None:
     """One forward pass of `batch` with the capture hooks (after any hooks `add_hooks` registers)."""
-    hooks = HookSet()
-    if add_hooks is not None:
-        add_hooks(hooks, batch)
+    hooks = batch_hooks(batch, add_hooks)
     capture.install(hooks)
-    with torch.no_grad():
-        loaded.model(batch.input_ids, attention_mask=batch.attention_mask, hooks=hooks)
+    forward_no_grad(loaded, batch, hooks)
 
 
 CONTRIBUTION_SCHEMA = pa.schema(

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import torch
 
-from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, batches
-from tdbql.executor.hooks import NO_HOOKS, HookSet
+from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, batch_hooks, batches, forward_no_grad
+from tdbql.executor.hooks import NO_HOOKS
 from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, PromptRow, Range, TdbqlError, UpvotedQuery
 
 LENS_SCHEMA = pa.schema(
@@ -150,7 +150,6 @@ def logit_lens(
         raise TdbqlError("logit_lens with ablations must be run by the engine (it installs the ablation hooks)")
     if query.k < 1:
         raise TdbqlError(f"logit_lens topk must be at least 1, not {query.k}")
-    model = loaded.model
     n_layers = loaded.info().n_layers
     layers = _filter(query.where, "layer", torch.arange(n_layers)).tolist()
     prompt_ids = set(_filter(query.where, "prompt", torch.tensor([p.prompt_id for p in prompts], dtype=torch.long)).tolist())
@@ -177,13 +176,10 @@ def _capture_residuals(loaded, batch, layers, at, add_hooks) -> dict[tuple[str, 
         if prev is not None:
             wanted.add(prev)
     states: dict[tuple[str, int], torch.Tensor] = {}
-    hooks = HookSet()
-    if add_hooks is not None:
-        add_hooks(hooks, batch)
+    hooks = batch_hooks(batch, add_hooks)
     for loc, layer in sorted(wanted, key=lambda x: (x[1], x[0])):
         hooks.add(loc, layer, _store(states, (loc, layer)))
-    with torch.no_grad():
-        loaded.model(batch.input_ids, attention_mask=batch.attention_mask, hooks=hooks)
+    forward_no_grad(loaded, batch, hooks)
     return states
 
 
@@ -326,13 +322,10 @@ def _capture_node(loaded, batch, node: NodeRef, add_hooks) -> dict[str, torch.Te
     }
     locations = needs.get(node.component, [f"sae.{node.component.removesuffix('_sae')}.latent"])
     saved: dict[str, torch.Tensor] = {}
-    hooks = HookSet()
-    if add_hooks is not None:
-        add_hooks(hooks, batch)
+    hooks = batch_hooks(batch, add_hooks)
     for loc in locations:
         hooks.add(loc, node.layer, _store(saved, loc))
-    with torch.no_grad():
-        loaded.model(batch.input_ids, attention_mask=batch.attention_mask, hooks=hooks)
+    forward_no_grad(loaded, batch, hooks)
     return saved
 
 

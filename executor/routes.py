@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from tdbql.executor import contrib
-from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, batches
+from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, batches, forward_no_grad
 from tdbql.executor.hooks import HookSet
 from tdbql.query.plan import PromptRow, RoutesQuery, TdbqlError
 
@@ -316,8 +316,7 @@ def attention_map(
         hooks = HookSet()
         hooks.add("attn.probs", layer, keep_probs)
         capture.install(hooks)
-        with torch.no_grad():
-            loaded.model(batch.input_ids, attention_mask=batch.attention_mask, hooks=hooks)
+        forward_no_grad(loaded, batch, hooks)
         for row, n in enumerate(batch.lengths.tolist()):
             tokens = [loaded.token_str(i) for i in batch.token_ids[row]]
             p = probs["all"][row][heads][:, :n, :n].permute(1, 2, 0)  # [t, u, h]
