@@ -36,6 +36,7 @@ from torch.autograd import forward_ad as fwAD
 from tdbql.executor.ablation import AblationSpec, ablation_means, add_ablations, needs_means
 from tdbql.executor.arrow import logit_table, node_table
 from tdbql.executor.batching import Batch, batches, check_pairs, encode_prompts, resolve_tokens
+from tdbql.executor.explain import raw_numel
 from tdbql.executor.hooks import HookSet
 from tdbql.executor.reduce import (
     BatchMeta,
@@ -179,6 +180,24 @@ class NodePlan:
     @property
     def mean_pass(self) -> bool:
         return needs_means(self.ablations)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak memory of a query's batches (`Engine.estimate_memory` lists what is counted)."""
+
+    weights: int  # model and autoencoder parameters, bytes
+    per_prompt: int  # bytes one prompt adds to a batch
+    n_tokens: int  # real tokens of the longest prompt (the padded width)
+    parts: dict[str, int]  # per-prompt bytes: saved, logits, captured, grads, working, reduction
+
+    def peak(self, batch_size: int) -> int:
+        return self.weights + batch_size * self.per_prompt
+
+
+def _loss_backward(plan: NodePlan | None) -> bool:
+    """Whether the backward starts at the loss (so the logits get a gradient)."""
+    return plan is not None and plan.needs_backward and (plan.trace is None or plan.trace.needs_loss)
 
 
 # --- engine --------------------------------------------------------------------------------------------
@@ -441,29 +460,122 @@ class Engine:
     # -- batching --
 
     def plan_batch_size(self, plan: NodePlan | None, prompts: Sequence[PromptRow]) -> int:
-        """`batch_size` when given, else what the memory budget allows (at most 64); even for pairs."""
+        """`batch_size` when given, else what the memory budget allows (at most 64); even for pairs.
+        The budget is for the batch's tensors on top of the weights (already resident)."""
         if self.batch_size:
             size = max(1, self.batch_size)
         else:
-            per_prompt = self.estimate_bytes_per_prompt(plan, prompts)
+            per_prompt = self.estimate_memory(plan, prompts).per_prompt
             budget = self.memory_budget or _default_budget(self.loaded.device)
             size = int(max(1, min(64, budget // max(per_prompt, 1))))
         return size + 1 if plan is not None and plan.pairs and size % 2 else size
 
     def estimate_bytes_per_prompt(self, plan: NodePlan | None, prompts: Sequence[PromptRow]) -> int:
-        """Rough bytes one prompt costs in a batch: kept tensors, gradients, recorded activations."""
-        from tdbql.executor.explain import raw_numel
+        """Bytes one prompt adds to a batch (see `estimate_memory`)."""
+        return self.estimate_memory(plan, prompts).per_prompt
 
-        T = min(self.cfg.n_ctx, max(len(p.text) for p in prompts[:256]) // 2 + 2)
+    def estimate_memory(self, plan: NodePlan | None, prompts: Sequence[PromptRow]) -> MemoryEstimate:
+        """Peak memory of one batch = weights + batch size x bytes per prompt, for the longest
+        prompt (its real token count, T; every prompt of a batch is padded to the longest).
+
+        Per prompt, counted in the model's dtype (fp32 for reduction buffers), elements per token:
+        - saved: what autograd keeps for the backward pass, for each layer from the gradient entry
+          layer up (the forward runs under autograd from there): per layer norm the centred
+          input and the scale (d_model + 1); per attention either, eager, q, k and v as copies
+          (3 n_heads d_head) plus the probabilities (n_heads T) and the bool mask (T bytes), or,
+          fused SDPA, q, k, v, the output and the log-sum-exp ((n_heads + 2 n_kv_heads + 1) d_head
+          + n_heads); per MLP the pre-activation (d_mlp; x3 for a gated MLP, whose gate output and
+          up branch are saved too); per attached autoencoder 2 n_latents; ln_f as a layer norm.
+          Weights are frozen, so linear layers save no inputs. Nothing when there is no backward.
+        - logits: (T, vocab), alive through the backward; its gradient as large again when the
+          objective is the loss (a traced pre-activation does not reach the logits).
+        - captured: each hooked tensor the plan keeps (forward values, also where only the gradient
+          is wanted, and jvp tangents), except the ones autograd already saves in recorded layers
+          (mlp.pre, eager attn.probs, the norm scales).
+        - grads: each gradient the backward returns, full size.
+        - working: one layer's transient intermediates (attention logits and probabilities, the
+          MLP's hidden activations); x2 for the JVP pass (dual tensors).
+        - reduction: deriving one (kind, layer) block at a time after the passes: the largest
+          block (token x key x unit) in fp32, per computed scalar plus its mask.
+        Peak per prompt = max(passes: saved + logits + captured + grads + working,
+        derivation: captured + grads + reduction). Ignored: the autograd graph's metadata,
+        allocator fragmentation, and the saved tensors freed while the backward runs (so the
+        figure is an upper bound on the tensors, not on the process's RSS).
+        """
+        T = max((len(ids) for ids in encode_prompts(self.loaded, prompts)), default=1)
         element = torch.finfo(self.loaded.dtype).bits // 8
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights += sum(p.numel() * p.element_size() for ae in self.loaded.saes.values() for p in ae.parameters())
+        eager = self._eager_layers(plan)
+        parts = {
+            "saved": self._saved_numel(plan, T, eager) * element,
+            "logits": T * self.cfg.vocab_size * element * (2 if _loss_backward(plan) else 1),
+            "captured": self._captured_numel(plan, T, eager) * element,
+            "grads": sum(raw_numel(self, r, T) for r in plan.raws if r.pass_ == "bwd") * element if plan else 0,
+            "working": self._working_numel(T, bool(eager)) * element * (2 if plan and plan.needs_jvp else 1),
+            "reduction": self._reduction_numel(plan, T) * 4,
+        }
+        passes = parts["saved"] + parts["logits"] + parts["captured"] + parts["grads"] + parts["working"]
+        derive = parts["captured"] + parts["grads"] + parts["reduction"]
+        return MemoryEstimate(weights=weights, per_prompt=max(passes, derive), n_tokens=T, parts=parts)
+
+    def _eager_layers(self, plan: NodePlan | None) -> set[int]:
+        """Layers whose attention runs eagerly (a hook at attn.logits / attn.probs)."""
+        if plan is None:
+            return set()
+        return {r.layer for r in plan.raws if r.location in ("attn.logits", "attn.probs")}
+
+    def _recorded_layers(self, plan: NodePlan | None) -> range:
+        """Layers whose forward autograd records: from the gradient entry up."""
+        if plan is None or not plan.needs_backward or plan.grad_entry is None:
+            return range(0)
+        first = 0 if plan.grad_entry.layer is None else plan.grad_entry.layer
+        return range(first, self.cfg.n_layers)
+
+    def _saved_numel(self, plan: NodePlan | None, T: int, eager: set[int]) -> int:
+        """Elements autograd saves for one prompt (see `estimate_memory`)."""
         c = self.cfg
-        per_layer = T * (6 * c.d_model + 3 * c.d_mlp) + 2 * c.n_heads * T * T
-        total = c.n_layers * per_layer + T * c.vocab_size
-        if plan is not None:
-            total += sum(raw_numel(self, r, T) for r in plan.raws)
-            if plan.needs_backward:
-                total *= 2
-        return total * element
+        layers = self._recorded_layers(plan)
+        if not layers:
+            return 0
+        norm = c.d_model + 1
+        eager_attn = 3 * c.n_heads * c.d_head + c.n_heads * T + T // 8 + 1  # bool mask: T bytes
+        fused_attn = (c.n_heads + 2 * c.n_kv_heads + 1) * c.d_head + c.n_heads
+        mlp = c.d_mlp * (3 if c.gated_mlp else 1)
+        per_token = norm  # ln_f
+        for layer in layers:
+            per_token += 2 * norm + mlp + (eager_attn if layer in eager else fused_attn)
+            per_token += sum(2 * ae.n_latents for (_, l), ae in self.loaded.saes.items() if l == layer)
+        return T * per_token
+
+    def _captured_numel(self, plan: NodePlan | None, T: int, eager: set[int]) -> int:
+        if plan is None:
+            return 0
+        recorded = set(self._recorded_layers(plan))
+        kept = {Raw(r.location, r.layer) for r in plan.raws if r.pass_ != "jvp"}  # gradients read these too
+        kept |= {r for r in plan.raws if r.pass_ == "jvp"}
+
+        def saved_anyway(raw: Raw) -> bool:
+            if raw.pass_ == "jvp" or raw.layer not in recorded:
+                return False
+            return raw.location in ("mlp.pre", "ln1.scale", "ln2.scale") or (
+                raw.location == "attn.probs" and raw.layer in eager)
+
+        return sum(raw_numel(self, r, T) for r in kept if not saved_anyway(r))
+
+    def _working_numel(self, T: int, eager: bool) -> int:
+        """One layer's transient intermediates for one prompt."""
+        c = self.cfg
+        attention = 2 * c.n_heads * T if eager else c.n_heads * c.d_head
+        return T * (attention + 2 * c.d_mlp + 4 * c.d_model)
+
+    def _reduction_numel(self, plan: NodePlan | None, T: int) -> int:
+        if plan is None:
+            return 0
+        from tdbql.executor.explain import block_numel
+
+        largest = max(block_numel(self, site, T) for site, _ in plan.sites)
+        return largest * (len(plan.computed) + 1)
 
     # -- node queries --
 
@@ -1049,4 +1161,4 @@ def _group_order(rows: dict, by: Sequence[str]) -> torch.Tensor:
     return group_ids(rows, tuple(by))
 
 
-__all__ = ["Engine", "NodePlan", "prompt_losses", "loss_tokens"]
+__all__ = ["Engine", "MemoryEstimate", "NodePlan", "prompt_losses", "loss_tokens"]

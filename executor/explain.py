@@ -28,6 +28,21 @@ def raw_numel(engine, raw: Raw, n_tokens: int) -> int:
     return n
 
 
+def block_numel(engine, site, n_tokens: int) -> int:
+    """Elements of one prompt's block of node values at `site`: (token, key, unit)."""
+    c = engine.cfg
+    if site.kind == "attn":
+        return n_tokens * n_tokens * c.n_heads
+    if site.kind == "head":
+        return n_tokens * c.n_heads
+    if site.kind == "mlp":
+        return n_tokens * c.d_mlp
+    ae = engine.loaded.saes.get((site.sae_site, site.layer)) if site.sae_site else None
+    if ae is not None and site.kind.endswith("_sae"):
+        return n_tokens * ae.n_latents
+    return n_tokens  # embed, sae errors: one unit
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
@@ -86,14 +101,18 @@ def _hooks(plan) -> list[str]:
     return lines
 
 
+def _memory_parts(memory, batch_size: int) -> str:
+    parts = ", ".join(f"{name} {_fmt_bytes(n * batch_size)}" for name, n in memory.parts.items() if n)
+    return parts or "nothing"
+
+
 def explain_plan(engine, plan, prompts: Sequence[PromptRow]) -> str:
     q = plan.query
     batch_size = engine.plan_batch_size(plan, prompts)
-    n_tokens = min(engine.cfg.n_ctx, max(len(engine.loaded.encode(p.text)) for p in prompts[:256]))
+    memory = engine.estimate_memory(plan, prompts)
+    n_tokens = memory.n_tokens
     element = torch.finfo(engine.loaded.dtype).bits // 8
     kept = sum(raw_numel(engine, r, n_tokens) for r in plan.raws) * element * batch_size
-    peak = engine.estimate_bytes_per_prompt(plan, prompts) * batch_size
-    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     eager = sorted({r.layer for r in plan.raws if r.location in ("attn.logits", "attn.probs")})
     reduce = (f"over prompts {q.over_prompts}, then " if q.over_prompts else "") + (
         "dense rows (select)" if q.mode == "select"
@@ -111,8 +130,9 @@ def explain_plan(engine, plan, prompts: Sequence[PromptRow]) -> str:
         else "attention: fused SDPA at every layer (no probabilities needed)",
         f"blocks derived per batch: {len(plan.sites)} (kind x layer)",
         f"reduction on the device: {reduce}",
-        f"tensors kept per batch: {_fmt_bytes(kept)} (~{n_tokens} tokens per prompt)",
-        f"estimated peak memory: {_fmt_bytes(peak + weights)} (weights {_fmt_bytes(weights)})",
+        f"tensors kept per batch: {_fmt_bytes(kept)} (prompts padded to {n_tokens} tokens)",
+        f"estimated peak memory: {_fmt_bytes(memory.peak(batch_size))} (weights {_fmt_bytes(memory.weights)}; "
+        f"per batch {_memory_parts(memory, batch_size)})",
     ]
     if "contribution" in plan.computed:
         lines.append("contribution: one more forward pass per batch in executor/contrib.py (LLM-TT proximities)")

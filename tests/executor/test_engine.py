@@ -218,3 +218,69 @@ def test_logprobs_rank_like_logits_and_equal_log_softmax(tiny_model):
             if r["prompt_id"] == row.prompt_id:
                 assert abs(r["logprob"] - float(want[r["position"], r["vocab_id"]])) < 1e-5
                 assert abs(r["prob"] - float(want[r["position"], r["vocab_id"]].exp())) < 1e-6
+
+
+def _measured_bytes(engine: Engine, plan, rows) -> int:
+    """Bytes of the tensors one batch really holds in its passes, counted deterministically (not
+    RSS): the distinct storages autograd saves for the backward (weights excluded), the tensors and
+    gradients the hooks capture, and the logits with their gradient. Every tensor is kept alive
+    until the end so a freed address cannot be reused and counted twice."""
+    from tdbql.executor.batching import batches
+
+    weights = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
+    alive: dict[int, torch.Tensor] = {}
+
+    def keep(x: torch.Tensor) -> None:
+        ptr = x.untyped_storage().data_ptr()
+        if ptr not in weights:
+            alive.setdefault(ptr, x)
+
+    forward = engine.model.forward
+
+    def forward_keeping_logits(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        keep(logits)
+        if logits.requires_grad:
+            logits.register_hook(lambda g: keep(g))
+        return logits
+
+    engine.model.forward = forward_keeping_logits
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: (keep(x), x)[1], lambda x: x):
+            store = engine.run_passes(plan, next(batches(engine.loaded, rows, max_prompts=len(rows))), {})
+    finally:
+        del engine.model.forward
+    for x in [*store.fwd.values(), *store.grads.values(), *store.tangents.values()]:
+        keep(x)
+    return sum(x.untyped_storage().nbytes() for x in alive.values())
+
+
+@pytest.mark.parametrize("scalar, loss", [("act_times_grad", LOSS), ("act", None), ("direct_effect", LOSS)])
+def test_memory_estimate_tracks_the_tensors_a_batch_holds(tiny_model, scalar, loss):
+    engine = Engine(tiny_model("gpt2"))
+    query = q(scalar, components=("mlp", "attn") if scalar != "direct_effect" else ("mlp", "head"))
+    rows = prompts(TEXTS * 2)
+    plan = engine.compile(query, rows, loss)
+    estimate = engine.estimate_memory(plan, rows)
+    assert estimate.n_tokens == max(len(engine.loaded.encode(t)) for t in TEXTS)  # real tokens, not characters
+    assert estimate.weights == sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    measured = {n: _measured_bytes(engine, plan, rows[:n]) for n in (1, 2, 4)}
+    for n, got in measured.items():
+        want = estimate.peak(n) - estimate.weights
+        assert got / 3 <= want <= 3 * got, (n, want, got, estimate.parts)
+    # what we measure grows linearly (up to the padding mask, absent for a single prompt)...
+    assert measured[4] - measured[2] == pytest.approx(2 * (measured[2] - measured[1]), rel=0.05)
+    widths = [estimate.peak(n) - estimate.peak(n - 1) for n in (2, 3, 4)]
+    assert widths == [estimate.per_prompt] * 3  # ...and so is the estimate
+
+
+def test_memory_estimate_counts_autograd_only_from_the_gradient_entry(tiny_model):
+    engine = Engine(tiny_model("gpt2"))
+    rows = prompts(TEXTS)
+    top = q("act_times_grad", components=("mlp",), where=(Condition(field="layer", op="=", value=1),))
+    everything = q("act_times_grad", components=("mlp",))
+    forward_only = q("act", components=("mlp",))
+    saved = {name: engine.estimate_memory(engine.compile(query, rows, LOSS), rows).parts["saved"]
+             for name, query in [("top", top), ("all", everything), ("forward", forward_only)]}
+    assert saved["forward"] == 0 < saved["top"] < saved["all"]
+    assert Engine(tiny_model("gpt2"), memory_budget=10**12).plan_batch_size(None, rows) == 64
