@@ -61,7 +61,9 @@ def test_ctrl_c_cancels_input_and_ctrl_d_quits(tdbql_bin, cli_env):
         child.sendintr()
         child.expect("tdbql>")
         child.send("select count(*) from range(100000000000) a;\r")  # minutes of work
-        time.sleep(1.5)
+        child.expect_exact("a;")  # the input is echoed ...
+        child.expect("\n")  # ... and accepted: the query is starting
+        time.sleep(2.0)
         child.sendintr()  # cancels the running query, keeps the session
         child.expect("cancelled")
         child.expect("tdbql>")
