@@ -54,18 +54,25 @@ def test_repl_end_to_end(tdbql_bin, tiny_model_dir, cli_env, tmp_path):
     assert "+.tables\n" in history
 
 
+def cancel_a_long_query(child, tries: int = 3) -> bool:
+    """Start minutes of DuckDB work, then Ctrl-C. On a loaded machine the Ctrl-C can reach the
+    prompt before Enter was handled (that only clears the input), so try again a few times."""
+    for _ in range(tries):
+        child.send("select count(*) from range(100000000000) a;\r")
+        time.sleep(2.0)
+        child.sendintr()
+        if child.expect(["cancelled", pexpect.TIMEOUT], timeout=15) == 0:
+            return True
+    return False
+
+
 def test_ctrl_c_cancels_input_and_ctrl_d_quits(tdbql_bin, cli_env):
     child = spawn(tdbql_bin, ["--model", "unused"], cli_env)
     try:
         child.send("select 1 as half_typed")
         child.sendintr()
         child.expect("tdbql>")
-        child.send("select count(*) from range(100000000000) a;\r")  # minutes of work
-        child.expect_exact("a;")  # the input is echoed ...
-        child.expect("\n")  # ... and accepted: the query is starting
-        time.sleep(2.0)
-        child.sendintr()  # cancels the running query, keeps the session
-        child.expect("cancelled")
+        assert cancel_a_long_query(child), "Ctrl-C never cancelled a running query"
         child.expect("tdbql>")
         child.send("select 2 as two;\r")
         child.expect(r"two.*\(1 row\)")
