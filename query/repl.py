@@ -14,6 +14,7 @@ import os
 import pydoc
 import re
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterable
@@ -215,6 +216,8 @@ def build_prompt(session: Session, catalog: Catalog) -> PromptSession:
 
 
 def run_repl(session: Session, *, mode: str = "table", debug: bool = False) -> int:
+    # A parent that ignores SIGINT (some launchers do) would leave Ctrl-C dead in here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     state = ShellState(session=session, mode=mode)
     catalog = Catalog(session)
     prompt = build_prompt(session, catalog)
