@@ -42,6 +42,14 @@ LOGIT_FIELDS = [
 ]
 
 
+def concat_tables(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    """One table from per-batch parts (empty parts dropped; an empty table of `schema` if none)."""
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables).combine_chunks()
+
+
 def node_schema(scalars: Sequence[str]) -> pa.Schema:
     return pa.schema(NODE_ID_FIELDS + [pa.field(s, pa.float64()) for s in scalars])
 

@@ -22,23 +22,13 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import torch
 
+from tdbql.executor.arrow import LOGIT_FIELDS, concat_tables
 from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, batch_hooks, batches, forward_no_grad
 from tdbql.executor.hooks import NO_HOOKS
 from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, PromptRow, Range, TdbqlError, UpvotedQuery
 
-LENS_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.int64()),
-        ("position", pa.int64()),
-        ("layer", pa.int64()),
-        ("vocab_id", pa.int64()),
-        ("token", pa.string()),
-        ("logit", pa.float64()),
-        ("prob", pa.float64()),
-        ("rank", pa.int64()),
-        ("rank_change", pa.int64()),
-    ]
-)
+# design §5: the logits table, plus the rank change against the previous residual location
+LENS_SCHEMA = pa.schema(LOGIT_FIELDS + [pa.field("rank_change", pa.int32())])
 UPVOTED_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.int64()),
@@ -164,7 +154,7 @@ def logit_lens(
                 continue
             for layer in layers:
                 parts.append(_lens_rows(loaded, batch, row, layer, positions, states, query, k))
-    return _concat(parts, LENS_SCHEMA)
+    return concat_tables(parts, LENS_SCHEMA)
 
 
 def _capture_residuals(loaded, batch, layers, at, add_hooks) -> dict[tuple[str, int], torch.Tensor]:
@@ -216,14 +206,14 @@ def _lens_rows(loaded, batch, row, layer, positions, states, query: LogitLensQue
     return pa.table(
         {
             "prompt_id": pa.array([batch.prompt_id(row)] * n_rows, pa.int64()),
-            "position": pa.array(positions[:, None].expand(-1, k).reshape(-1).numpy(), pa.int64()),
-            "layer": pa.array([layer] * n_rows, pa.int64()),
+            "position": pa.array(positions[:, None].expand(-1, k).reshape(-1).numpy(), pa.int32()),
+            "layer": pa.array([layer] * n_rows, pa.int32()),
             "vocab_id": pa.array(ids, pa.int64()),
             "token": pa.array([loaded.token_str(i) for i in ids], pa.string()),
             "logit": pa.array(top_logits.reshape(-1).double().cpu().numpy()),
             "prob": pa.array(probs.reshape(-1).double().cpu().numpy()),
-            "rank": pa.array(ranks.reshape(-1).cpu().numpy(), pa.int64()),
-            "rank_change": pa.nulls(n_rows, pa.int64()) if change is None else pa.array(change.cpu().numpy(), pa.int64()),
+            "rank": pa.array(ranks.reshape(-1).cpu().numpy(), pa.int32()),
+            "rank_change": pa.nulls(n_rows, pa.int32()) if change is None else pa.array(change.cpu().numpy(), pa.int32()),
         },
         schema=LENS_SCHEMA,
     )
@@ -263,7 +253,7 @@ def upvoted(
             key = None if node.key is None else _key_position(node.key, int(positions[0]), n, prompt_id)
             writes = _node_writes(loaded, node, saved, row, positions, key, query.raw)  # [P, d]
             parts.append(_upvoted_rows(loaded, query, prompt_id, positions, key, writes, k))
-    return _concat(parts, UPVOTED_SCHEMA)
+    return concat_tables(parts, UPVOTED_SCHEMA)
 
 
 def _position(token: int, n: int, prompt_id: int) -> int:
@@ -386,10 +376,3 @@ def _upvoted_rows(loaded, query: UpvotedQuery, prompt_id, positions, key, writes
         },
         schema=UPVOTED_SCHEMA,
     )
-
-
-def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return schema.empty_table()
-    return pa.concat_tables(tables).combine_chunks()

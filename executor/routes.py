@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 
 from tdbql.executor import contrib
+from tdbql.executor.arrow import concat_tables
 from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, batches, forward_no_grad
 from tdbql.executor.hooks import HookSet
 from tdbql.query.plan import PromptRow, RoutesQuery, TdbqlError
@@ -186,8 +187,8 @@ def routes(
             nodes.append(node_table(batch.prompt_id(row), reach, tokens))
             edges.append(edge_table(batch.prompt_id(row), store.attn[row], store.mlp[row], reach))
     return {
-        "route_nodes": _concat(nodes, NODE_SCHEMA),
-        "route_edges": _concat(edges, EDGE_SCHEMA),
+        "route_nodes": concat_tables(nodes, NODE_SCHEMA),
+        "route_edges": concat_tables(edges, EDGE_SCHEMA),
     }
 
 
@@ -237,7 +238,7 @@ def edge_table(prompt_id: int, attn: Sequence[AttentionEdges], mlp: Sequence[Mlp
         ):
             pos = (target & (weight > 0)).nonzero(as_tuple=True)[0]
             parts.append(_edges(prompt_id, layer, kind, pos, pos, None, weight[pos]))
-    return _concat(parts, EDGE_SCHEMA)
+    return concat_tables(parts, EDGE_SCHEMA)
 
 
 def _edges(prompt_id, layer, kind, src, dst, head, weight) -> pa.Table:
@@ -256,11 +257,6 @@ def _edges(prompt_id, layer, kind, src, dst, head, weight) -> pa.Table:
     )
 
 
-def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return schema.empty_table()
-    return pa.concat_tables(tables).combine_chunks()
 
 
 # --- per-head maps (LLM-TT's attention and contribution heatmaps) --------------------------------
@@ -322,7 +318,7 @@ def attention_map(
             p = probs["all"][row][heads][:, :n, :n].permute(1, 2, 0)  # [t, u, h]
             c = shares[row][..., heads]  # [t, u, h]
             parts.append(_map_rows(batch.prompt_id(row), layer, heads, p, c, tokens))
-    return _concat(parts, MAP_SCHEMA)
+    return concat_tables(parts, MAP_SCHEMA)
 
 
 def _map_rows(prompt_id: int, layer: int, heads: list[int], probs, shares, tokens: list[str]) -> pa.Table:
