@@ -103,13 +103,10 @@ def _select_extent(text: str, pos: int) -> int:
 def _top_level_words(text: str, start: int, end: int) -> list[str]:
     words, depth, pos = [], 0, start
     while pos < end:
+        if (skipped := _skip_literal(text, pos, sql=True)) is not None:
+            pos = skipped
+            continue
         char = text[pos]
-        if char in "'\"":
-            pos = _string_end(text, pos, allow_newline=True)
-            continue
-        if text.startswith("--", pos):
-            pos = _line_end(text, pos)
-            continue
         depth += {"(": 1, ")": -1}.get(char, 0)
         match = _WORD.match(text, pos)
         if match and (pos == 0 or not (text[pos - 1].isalnum() or text[pos - 1] == "_")):
@@ -125,13 +122,10 @@ def _dsl_end(text: str, pos: int) -> int:
     """Index of the `;` or newline ending a tdbql statement (or len(text))."""
     depth = 0
     while pos < len(text):
+        if (skipped := _skip_literal(text, pos, sql=False)) is not None:
+            pos = skipped
+            continue
         char = text[pos]
-        if char in "'\"":
-            pos = _string_end(text, pos, allow_newline=False)
-            continue
-        if text.startswith("--", pos):
-            pos = _line_end(text, pos)
-            continue
         if char == ";" or (char == "\n" and depth <= 0 and not _continues(text, pos + 1)):
             return pos
         depth += {"(": 1, ")": -1}.get(char, 0)
@@ -146,21 +140,26 @@ def _continues(text: str, line_start: int) -> bool:
 def _sql_end(text: str, pos: int) -> int:
     """Index of the `;` ending a SQL statement (or len(text))."""
     while pos < len(text):
-        char = text[pos]
-        if char in "'\"":
-            pos = _string_end(text, pos, allow_newline=True)
+        if (skipped := _skip_literal(text, pos, sql=True)) is not None:
+            pos = skipped
             continue
-        if text.startswith("--", pos):
-            pos = _line_end(text, pos)
-            continue
-        if text.startswith("/*", pos):
-            close = text.find("*/", pos + 2)
-            pos = len(text) if close < 0 else close + 2
-            continue
-        if char == ";":
+        if text[pos] == ";":
             return pos
         pos += 1
     return pos
+
+
+def _skip_literal(text: str, pos: int, *, sql: bool) -> int | None:
+    """Index just past the string or comment starting at `pos`, or None if none starts there.
+    SQL strings may span lines and SQL has `/* */` comments; tdbql strings stay on one line."""
+    if text[pos] in "'\"":
+        return _string_end(text, pos, allow_newline=sql)
+    if text.startswith("--", pos):
+        return _line_end(text, pos)
+    if sql and text.startswith("/*", pos):
+        close = text.find("*/", pos + 2)
+        return len(text) if close < 0 else close + 2
+    return None
 
 
 def _string_end(text: str, pos: int, *, allow_newline: bool) -> int:
@@ -209,11 +208,8 @@ def _skip_blanks(text: str, pos: int) -> int:
     while pos < len(text):
         if text[pos] in " \t\r\n;":
             pos += 1
-        elif text.startswith("--", pos):
-            pos = _line_end(text, pos)
-        elif text.startswith("/*", pos):
-            close = text.find("*/", pos + 2)
-            pos = len(text) if close < 0 else close + 2
+        elif text[pos] not in "'\"" and (skipped := _skip_literal(text, pos, sql=True)) is not None:
+            pos = skipped
         else:
             break
     return pos
