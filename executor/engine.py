@@ -36,6 +36,8 @@ from torch.autograd import forward_ad as fwAD
 from tdbql.executor.ablation import AblationSpec, ablation_means, add_ablations, needs_means
 from tdbql.executor.arrow import logit_table, node_table
 from tdbql.executor.batching import Batch, batches, check_pairs, encode_prompts, resolve_tokens
+from tdbql.executor.compiled import CompiledPasses
+from tdbql.executor.compiled import refusal as compiled_refusal
 from tdbql.executor.explain import raw_numel
 from tdbql.executor.hooks import HookSet
 from tdbql.executor.reduce import (
@@ -212,6 +214,7 @@ class Engine:
         progress: Callable[[int, int], None] | None = None,
         freeze_ln_f: bool = True,
         memory_budget: int | None = None,
+        compile: bool = False,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -224,6 +227,7 @@ class Engine:
             p.requires_grad_(False)
         self.weights = Weights(self.model, loaded.saes)
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.compiled = CompiledPasses(self) if compile else None
 
     # -- entry points --
 
@@ -684,6 +688,9 @@ class Engine:
 
     def run_passes(self, plan: NodePlan, batch: Batch, means: dict) -> RawStore:
         store = RawStore()
+        if self.compiled is not None and compiled_refusal(plan) is None:
+            self.compiled.run(plan, batch, lambda logits, s: self._objective(plan, batch, logits, s), store)
+            return store
         hooks = HookSet()
         add_ablations(hooks, plan.ablations, batch, means)
         self._add_freezes(hooks, plan)

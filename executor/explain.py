@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from tdbql.executor.hooks import LOCATIONS
+from tdbql.executor.compiled import refusal
+from tdbql.executor.hooks import location_shape
 from tdbql.executor.scalars import Raw
 from tdbql.query.plan import PromptRow
 
 
 def raw_numel(engine, raw: Raw, n_tokens: int) -> int:
     """Elements of one prompt's tensor at `raw` (n_tokens tokens)."""
-    c = engine.cfg
-    sizes = {
-        "batch": 1, "token": n_tokens, "key": n_tokens, "d_model": c.d_model, "d_mlp": c.d_mlp,
-        "head": c.n_heads, "kv_head": c.n_kv_heads, "d_head": c.d_head, "one": 1, "vocab": c.vocab_size,
-    }
-    if raw.location.startswith("sae."):
-        site = raw.location.split(".")[1]
-        ae = engine.loaded.saes.get((site, raw.layer))
-        sizes["latent"] = ae.n_latents if ae is not None else 0
-    n = 1
-    for dim in LOCATIONS[raw.location]:
-        n *= sizes[dim]
-    return n
+    return math.prod(location_shape(raw.location, raw.layer, engine.cfg, engine.loaded.saes, n_tokens))
 
 
 def block_numel(engine, site, n_tokens: int) -> int:
@@ -55,12 +45,15 @@ def _where(raw: Raw) -> str:
     return raw.location if raw.layer is None else f"{raw.location}[{raw.layer}]"
 
 
-def _passes(plan) -> list[str]:
+def _passes(plan, compiled: bool) -> list[str]:
     passes = []
     if plan.mean_pass:
         passes.append("once, before the batches: a forward pass over the whole prompt set (no grad) to compute "
                       "the =mean ablation values")
-    forward = "per batch: forward" + (" (autograd from " + _where(plan.grad_entry) + ")" if plan.grad_entry else " under no_grad")
+    if compiled:
+        forward = "per batch: compiled forward" + (" (autograd from zero probes)" if plan.needs_backward else " under no_grad")
+    else:
+        forward = "per batch: forward" + (" (autograd from " + _where(plan.grad_entry) + ")" if plan.grad_entry else " under no_grad")
     passes.append(forward)
     if plan.needs_backward:
         kind = plan.loss.kind if plan.loss is not None else "logit_diff"
@@ -81,7 +74,7 @@ def _passes(plan) -> list[str]:
     return passes
 
 
-def _hooks(plan) -> list[str]:
+def _hooks(plan, compiled: bool) -> list[str]:
     lines = []
     for a in plan.ablations:
         at = "all tokens" if a.token is None else f"token {a.token}"
@@ -91,14 +84,24 @@ def _hooks(plan) -> list[str]:
     if plan.needs_backward and plan.trace is not None:
         for location, layer in plan.trace.detach:
             lines.append(f"{location}[{layer}]  detach (trace)")
-    if plan.grad_entry is not None:
+    if plan.grad_entry is not None and not compiled:
         lines.append(f"{_where(plan.grad_entry)}  x.detach().requires_grad_() (autograd starts here)")
     for raw in sorted({Raw(r.location, r.layer) for r in plan.raws if r.pass_ != "jvp"}):
         passes = sorted(r.pass_ for r in plan.raws if (r.location, r.layer) == (raw.location, raw.layer))
-        lines.append(f"{_where(raw)}  capture ({', '.join(passes)})")
+        probe = " + zero probe (its gradient)" if compiled and "bwd" in passes else ""
+        lines.append(f"{_where(raw)}  capture ({', '.join(passes)}){probe}")
     for raw in sorted(r for r in plan.raws if r.pass_ == "jvp"):
         lines.append(f"{_where(raw)}  capture tangent (jvp)")
     return lines
+
+
+def _path(engine, plan) -> str:
+    if engine.compiled is None:
+        return "execution: eager (set compile = on for torch.compile)"
+    why_not = refusal(plan)
+    if why_not is not None:
+        return f"execution: eager (compile does not cover a {why_not})"
+    return "execution: torch.compile, one graph per batch shape (zero probes give the gradients)"
 
 
 def _memory_parts(memory, batch_size: int) -> str:
@@ -119,13 +122,14 @@ def explain_plan(engine, plan, prompts: Sequence[PromptRow]) -> str:
         else f"running {q.mode} {q.k} by {plan.scalars[0]}" + (f" per {', '.join(q.by)}" if q.by else " overall")
     )
     n_batches = -(-len(prompts) // batch_size)
+    compiled = engine.compiled is not None and refusal(plan) is None
     lines = [
         f"node query: {', '.join(plan.scalars)} of {', '.join(plan.kinds)}",
         f"prompts: {len(prompts)} in {n_batches} batch(es) of up to {batch_size} (right-padded, masked)",
         "passes:",
-        *(f"  {i + 1}. {p}" for i, p in enumerate(_passes(plan))),
+        *(f"  {i + 1}. {p}" for i, p in enumerate(_passes(plan, compiled))),
         "hooks:",
-        *(f"  {h}" for h in _hooks(plan)),
+        *(f"  {h}" for h in _hooks(plan, compiled)),
         f"attention: eager (probabilities) at layers {eager}; fused SDPA elsewhere" if eager
         else "attention: fused SDPA at every layer (no probabilities needed)",
         f"blocks derived per batch: {len(plan.sites)} (kind x layer)",
@@ -134,6 +138,7 @@ def explain_plan(engine, plan, prompts: Sequence[PromptRow]) -> str:
         f"estimated peak memory: {_fmt_bytes(memory.peak(batch_size))} (weights {_fmt_bytes(memory.weights)}; "
         f"per batch {_memory_parts(memory, batch_size)})",
     ]
+    lines.append(_path(engine, plan))
     if "contribution" in plan.computed:
         lines.append("contribution: one more forward pass per batch in executor/contrib.py (LLM-TT proximities)")
     if plan.pairs:

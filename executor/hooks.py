@@ -45,6 +45,19 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     "sae.resid.error": ("batch", "token", "d_model"),
 }
 
+def location_shape(location: str, layer: int | None, cfg, saes: dict, n_tokens: int, n_prompts: int = 1) -> tuple[int, ...]:
+    """Shape of the tensor at (location, layer) for `n_prompts` prompts padded to `n_tokens`
+    tokens; `cfg` is the ModelConfig, `saes` the attached autoencoders by (site, layer)."""
+    sizes = {
+        "batch": n_prompts, "token": n_tokens, "key": n_tokens, "d_model": cfg.d_model, "d_mlp": cfg.d_mlp,
+        "head": cfg.n_heads, "kv_head": cfg.n_kv_heads, "d_head": cfg.d_head, "one": 1, "vocab": cfg.vocab_size,
+    }
+    if location.startswith("sae."):
+        ae = saes.get((location.split(".")[1], layer))
+        sizes["latent"] = ae.n_latents if ae is not None else 0
+    return tuple(sizes[dim] for dim in LOCATIONS[location])
+
+
 GLOBAL_LOCATIONS = frozenset({"resid.embed", "ln_f.scale", "logits"})
 
 Hook = Callable[[torch.Tensor], "torch.Tensor | None"]

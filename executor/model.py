@@ -293,7 +293,8 @@ class Block(nn.Module):
 class _ForwardContext:
     """What every layer of one forward pass shares: hooks, mask, rotary tables."""
 
-    def __init__(self, model: Transformer, input_ids: torch.Tensor, attention_mask, hooks: HookSet) -> None:
+    def __init__(self, model: Transformer, input_ids: torch.Tensor, attention_mask, hooks: HookSet,
+                 padded: bool | None = None) -> None:
         cfg = model.cfg
         B, T = input_ids.shape
         device = input_ids.device
@@ -301,7 +302,8 @@ class _ForwardContext:
         self.attn_impl = model.attn_impl
         dtype = model.embed.weight.dtype
         self.rotary = rotary_cos_sin(cfg, T, device, dtype) if cfg.positions == "rotary" else None
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded is None:  # (a compiled caller says so itself: reading the mask would break its graph)
+            padded = attention_mask is not None and not bool(attention_mask.all())
         windowed = cfg.sliding_window is not None and T > cfg.sliding_window
         self.plain_causal = not padded and not windowed
         self._mask_args = (attention_mask if padded else None, cfg.sliding_window, B, T, device)
@@ -351,13 +353,16 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         hooks: HookSet | None = None,
+        *,
+        padded: bool | None = None,
     ) -> torch.Tensor:
-        """input_ids (batch, token) -> logits (batch, token, vocab)."""
+        """input_ids (batch, token) -> logits (batch, token, vocab). `padded`: whether
+        attention_mask hides any token (None: read it off the mask)."""
         hooks = NO_HOOKS if hooks is None else hooks
         B, T = input_ids.shape
         if self.pos_embed is not None and T > self.cfg.n_ctx:
             raise TdbqlError(f"{T} tokens exceed the model's context of {self.cfg.n_ctx} positions")
-        ctx = _ForwardContext(self, input_ids, attention_mask, hooks)
+        ctx = _ForwardContext(self, input_ids, attention_mask, hooks, padded)
         x = self.embed(input_ids)  # (batch, token, d_model)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(T, device=input_ids.device))

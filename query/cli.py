@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="prompts per batch (default: auto)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run node queries through torch.compile (fast on repeated shapes; compiles first)")
     parser.add_argument("-D", dest="params", action="append", default=[], metavar="NAME=VALUE",
                         help="define $NAME for the statements (repeatable)")
     parser.add_argument("--format", default="table", choices=FORMATS, help="result format (default: table)")
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     interactive = not args.scripts and sys.stdin.isatty()
     try:
         session = Session(model=args.model, db=args.db, device=args.device, dtype=args.dtype, safe=args.safe,
-                          params=params, batch_size=args.batch_size,
+                          params=params, batch_size=args.batch_size, compile=args.compile,
                           progress=ProgressBar(enabled=sys.stderr.isatty()))
     except TdbqlError as err:
         return report(err, args.debug)

@@ -88,9 +88,10 @@ class Settings:
     device: str = "cpu"
     dtype: str = "fp32"
     freeze_ln_f: bool = True  # detach the final layer-norm scale in backward passes (TDB's choice)
+    compile: bool = False  # node queries through torch.compile (executor/compiled.py)
 
 
-SETTING_NAMES: tuple[str, ...] = ("batch_size", "device", "dtype", "freeze_ln_f")
+SETTING_NAMES: tuple[str, ...] = ("batch_size", "compile", "device", "dtype", "freeze_ln_f")
 DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
 
@@ -104,13 +105,14 @@ class Session:
 
     def __init__(self, model: str = "default", db: str | None = None, *, device: str = "cpu",
                  dtype: str = "fp32", safe: bool = False, params: dict[str, str] | None = None,
-                 progress: ProgressFn | None = None, batch_size: int | None = None) -> None:
+                 progress: ProgressFn | None = None, batch_size: int | None = None,
+                 compile: bool = False) -> None:
         self.model_name = model
         self.db = db
         self.safe = safe
         self.params = dict(params or {})
         self.progress = progress
-        self.settings = Settings(batch_size=batch_size, device=device, dtype=dtype)
+        self.settings = Settings(batch_size=batch_size, device=device, dtype=dtype, compile=compile)
         self.prompts: list[PromptRow] = []
         self.loss: Loss | None = None
         self._loaded = None
@@ -373,10 +375,12 @@ class Session:
 
         loaded = self.loaded
         # the autoencoder objects themselves (not ids): holding them keeps their ids from being reused
-        key = (loaded, tuple(loaded.saes.items()), self.settings.batch_size, self.progress, self.settings.freeze_ln_f)
+        settings = self.settings
+        key = (loaded, tuple(loaded.saes.items()), settings.batch_size, self.progress, settings.freeze_ln_f,
+               settings.compile)
         if self._engine_cache is None or not _same_key(self._engine_cache[0], key):
-            engine = Engine(loaded, batch_size=self.settings.batch_size, progress=self.progress,
-                            freeze_ln_f=self.settings.freeze_ln_f)
+            engine = Engine(loaded, batch_size=settings.batch_size, progress=self.progress,
+                            freeze_ln_f=settings.freeze_ln_f, compile=settings.compile)
             self._engine_cache = (key, engine)
         return self._engine_cache[1]
 
@@ -535,7 +539,7 @@ def _setting_value(name: str, value):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TdbqlError(f"batch_size must be a positive integer or 'auto', not {value!r}")
         return value
-    if name == "freeze_ln_f":
+    if name in ("freeze_ln_f", "compile"):
         return _on_off(value, name)
     if name == "dtype":
         if str(value) not in DTYPES:
