@@ -42,6 +42,29 @@ NAMES = [
     "Sam", "Dan", "Max", "Leo", "Eric", "Ryan", "Adam", "Helen", "Emily", "Julia",
     "Anne", "Frank", "George", "Nancy", "Carl", "Oscar", "Hugo", "Ivan", "Nina", "Olga",
     "Rita", "Tina", "Victor", "Walter", "Zoe", "Ella", "Ruth", "Karen", "Steve", "Luke",
+    "Aaron", "Abby", "Alan", "Albert", "Alex", "Alfred", "Amanda", "Andrew", "Angela", "Arthur",
+    "Barbara", "Bella", "Bernard", "Beth", "Bill", "Brian", "Bruce", "Caleb", "Carla", "Carol",
+    "Caroline", "Catherine", "Cecilia", "Charles", "Charlotte", "Chloe", "Clara", "Claire", "Colin",
+    "Craig", "Cynthia", "Daisy", "Dana", "Diana", "Donald", "Dora", "Doris", "Dylan", "Edith",
+    "Edward", "Elena", "Eli", "Eliza", "Ellen", "Elsa", "Ethan", "Eva", "Evan", "Felix", "Fiona",
+    "Fred", "Gary", "Gavin", "Gina", "Gloria", "Gordon", "Greta", "Harry", "Hannah", "Harold",
+    "Heidi", "Holly", "Ian", "Irene", "Iris", "Isaac", "Jacob", "Jason", "Jeff", "Jenny", "Jerry",
+    "Jessica", "Jim", "Joan", "Joe", "Joel", "Jonas", "Jordan", "Joseph", "Josh", "Joyce", "Judy",
+    "Julian", "Justin", "Karl", "Kelly", "Kim", "Kyle", "Lara", "Larry", "Leah", "Lena", "Leon",
+    "Lewis", "Liam", "Lily", "Logan", "Louis", "Louise", "Lydia", "Maria", "Marco", "Martha",
+    "Martin", "Matt", "Megan", "Mia", "Mike", "Molly", "Monica", "Nathan", "Neil", "Nick", "Noah",
+    "Nora", "Olivia", "Oliver", "Owen", "Pablo", "Pam", "Patrick", "Paula", "Philip", "Phoebe",
+    "Quinn", "Rachel", "Ralph", "Ray", "Rebecca", "Richard", "Rick", "Robert", "Roger", "Ron",
+    "Rosa", "Roy", "Sandra", "Scott", "Sean", "Simon", "Sofia", "Sophie", "Stella", "Stuart", "Ted",
+    "Teresa", "Thomas", "Tim", "Tony", "Tracy", "Trevor", "Ursula", "Vera", "Vincent", "Wendy",
+    "Xavier", "Yvonne", "Zack", "Abel", "Ada", "Agnes", "Boris", "Bruno", "Cora", "Dean", "Dennis",
+    "Derek", "Diego", "Edgar", "Elias", "Emil", "Enzo", "Erin", "Ezra", "Flora", "Gemma", "Gus",
+    "Hazel", "Hector", "Ingrid", "Ira", "Jade", "Jonah", "Kara", "Lars", "Lionel", "Mabel", "Mila",
+    "Milo", "Miles", "Nadia", "Nell", "Nigel", "Otto", "Pearl", "Percy", "Petra", "Rex", "Rufus",
+    "Saul", "Silas", "Tara", "Theo", "Uma", "Vince", "Viola", "Wade", "Yara", "Zara", "Anita",
+    "Arnold", "Beatrice", "Clive", "Curtis", "Della", "Elmer", "Fay", "Gilbert", "Hilda", "Homer",
+    "Ivy", "Jasper", "Kurt", "Lorna", "Marvin", "Myra", "Norma", "Opal", "Pierre", "Reid", "Selma",
+    "Stan", "Thea", "Wilma",
 ]
 # fmt: on
 HELDOUT_NAMES = sorted(random.Random(SEED).sample(NAMES, len(NAMES) // 5))
@@ -57,28 +80,63 @@ OBJECTS = [
     "snack", "pen", "hat", "ticket", "flower", "key", "box", "gift", "cake", "coin", "map",
 ]
 
-# {A} and {B} are introduced; {S} is the subject (repeated name); the sentence ends with the
-# indirect object {IO}. Evaluation prompts are the sentence cut just before {IO}.
-IOI_TRAIN_TEMPLATES = [
-    "When {A} and {B} went to the {place}, {S} gave a {obj} to {IO}.",
-    "When {A} and {B} got a {obj} at the {place}, {S} decided to give it to {IO}.",
-    "After {A} and {B} arrived at the {place}, {S} handed a {obj} to {IO}.",
-    "Then, {A} and {B} had a long day at the {place}. {S} gave a {obj} to {IO}.",
-    "While {A} and {B} were working at the {place}, {S} passed a {obj} to {IO}.",
-    "Later {A} and {B} went to the {place}. {S} brought a {obj} to {IO}.",
-    "The friends {A} and {B} found a {obj} at the {place}. {S} gave it to {IO}.",
-    "The {place} was busy when {A} and {B} arrived. {S} threw a {obj} to {IO}.",
-    "After the meeting at the {place}, {A} and {B} talked. {S} sent a {obj} to {IO}.",
-    "When {A} and {B} visited the {place}, {S} showed a {obj} to {IO}.",
-    "Today {A} and {B} were sitting in the {place}. {S} offered a {obj} to {IO}.",
-    "Yesterday {A} and {B} walked to the {place}, and {S} sold a {obj} to {IO}.",
-    "When {A} and {B} met at the {place}, {S} lent a {obj} to {IO}.",
-    "At the {place}, {A} and {B} ate lunch. Later, {S} gave a {obj} to {IO}.",
-    "When {A} and {B} were at the {place}, {S} made a {obj} for {IO}.",
-    "{A} and {B} stayed at the {place} all day. {S} read a story to {IO}.",
-    "As {A} and {B} left the {place}, {S} waved to {IO}.",
-    "After {A} and {B} cleaned the {place}, {S} bought a {obj} for {IO}.",
+# An IOI sentence is an opening that introduces {A} and {B} at a {place}, a connector, then the
+# subject {S} (the repeated name) doing something to the indirect object {IO}, which ends the
+# sentence. Evaluation prompts are the sentence cut just before {IO}. Training templates are every
+# opening x connector x action: many structures, so that the model learns IOI and not a template.
+IOI_OPENINGS = [
+    "When {A} and {B} went to the {place}",
+    "After {A} and {B} arrived at the {place}",
+    "While {A} and {B} were working at the {place}",
+    "When {A} and {B} visited the {place}",
+    "As {A} and {B} walked into the {place}",
+    "Before {A} and {B} left the {place}",
+    "{A} and {B} went to the {place}",
+    "Yesterday {A} and {B} were sitting in the {place}",
+    "Last week {A} and {B} met at the {place}",
+    "The {place} was busy when {A} and {B} arrived",
+    "It was late when {A} and {B} got to the {place}",
+    "Then {A} and {B} had a long day at the {place}",
+    "On Monday {A} and {B} had lunch at the {place}",
+    "After {A} and {B} cleaned the {place}",
+    "When {A} and {B} got a {obj} at the {place}",
+    "The friends {A} and {B} found a {obj} at the {place}",
+    "Since {A} and {B} were in the {place}",
+    "In the morning {A} and {B} ran to the {place}",
+    "{A} and {B} stayed at the {place} all day",
+    "After the meeting at the {place}, {A} and {B} talked",
+    "At the {place}, {A} and {B} ate dinner",
+    "Later {A} and {B} drove to the {place}",
+    "When {A} and {B} came back from the {place}",
+    "Today {A} and {B} waited at the {place}",
 ]
+IOI_CONNECTORS = [", ", ". ", ", and ", ". Later, ", ". Then ", ", and then ", ". After a while, "]
+IOI_ACTIONS = [
+    "gave a {obj} to", "handed a {obj} to", "passed the {obj} to", "showed the {obj} to",
+    "sent a {obj} to", "brought a {obj} to", "offered a {obj} to", "sold a {obj} to",
+    "lent a {obj} to", "threw a {obj} to", "read a story to", "waved to", "said goodbye to",
+    "made a {obj} for", "bought a {obj} for", "gave it to", "wrote a letter to", "sang a song to",
+    "talked to", "smiled at", "delivered a {obj} to", "carried the {obj} to", "kicked the {obj} to",
+    "explained the plan to", "left a {obj} for", "found a {obj} for", "decided to give the {obj} to",
+    "wanted to give a {obj} to", "gave the {obj} back to", "baked a cake for", "cooked dinner for",
+    "told a joke to",
+]
+
+
+def composed_templates() -> list[str]:
+    """Every opening x connector x action, in a fixed shuffled order."""
+    templates = [
+        f"{opening}{connector}{{S}} {action} {{IO}}."
+        for opening in IOI_OPENINGS
+        for connector in IOI_CONNECTORS
+        for action in IOI_ACTIONS
+    ]
+    random.Random(SEED).shuffle(templates)
+    return templates
+
+
+IOI_TRAIN_TEMPLATES = composed_templates()
+# Their openings, middles and verbs (mailed, tossed, returned) never occur in IOI documents.
 IOI_HELDOUT_TEMPLATES = [
     "Because {A} and {B} were at the {place}, {S} mailed a {obj} to {IO}.",
     "Once {A} and {B} reached the {place}, {S} tossed a {obj} to {IO}.",
@@ -174,7 +232,7 @@ COPY_TEMPLATES = [
     "{N1} lives in {capital}. The {noun} was sent to {N1}.",
 ]
 
-KIND_WEIGHTS = {"ioi": 0.4, "copy": 0.1, "induction": 0.25, "fact": 0.12, "filler": 0.13}
+KIND_WEIGHTS = {"ioi": 0.38, "copy": 0.12, "induction": 0.25, "fact": 0.12, "filler": 0.13}
 
 
 @dataclass(frozen=True)

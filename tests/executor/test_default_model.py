@@ -75,15 +75,25 @@ def test_corpus_keeps_heldout_names_out_of_ioi():
 
 def test_ioi_generalises_to_heldout_templates(backend):
     examples = evaluation.ioi_examples(build_corpus.TRAIN_NAMES, build_corpus.IOI_HELDOUT_TEMPLATES, 40)
-    assert evaluation.ioi_accuracy(backend, examples) >= 0.8
+    assert evaluation.ioi_accuracy(backend, examples) >= 0.85
 
 
-def test_ioi_with_heldout_names_beats_chance(backend):
-    """Held-out names never occur in IOI training sentences; the shipped model is ~78% here
-    (templates seen in training), short of the 90% bar: see docs/default_model.md."""
-    examples = evaluation.ioi_examples(build_corpus.HELDOUT_NAMES, build_corpus.IOI_TRAIN_TEMPLATES, 40)
-    assert all(e.io in build_corpus.HELDOUT_NAMES for e in examples)
-    assert evaluation.ioi_accuracy(backend, examples) >= 0.6
+def test_ioi_generalises_to_heldout_names_in_heldout_templates(backend):
+    """Held-out names never occur in IOI training sentences, nor these templates; the shipped
+    model is 96% here on 300 prompts (docs/default_model.md), 40 keep the test quick."""
+    examples = evaluation.ioi_examples(build_corpus.HELDOUT_NAMES, build_corpus.IOI_HELDOUT_TEMPLATES, 40)
+    assert all(e.io in build_corpus.HELDOUT_NAMES and e.subject in build_corpus.HELDOUT_NAMES for e in examples)
+    assert evaluation.ioi_accuracy(backend, examples) >= 0.85
+
+
+def test_training_templates_are_composed_from_parts():
+    templates = build_corpus.IOI_TRAIN_TEMPLATES
+    parts = (build_corpus.IOI_OPENINGS, build_corpus.IOI_CONNECTORS, build_corpus.IOI_ACTIONS)
+    assert len(set(templates)) == len(templates) == len(parts[0]) * len(parts[1]) * len(parts[2])
+    assert all(t.count("{A}") == t.count("{B}") == t.count("{S}") == t.count("{IO}") == 1 for t in templates)
+    assert not set(templates) & set(build_corpus.IOI_HELDOUT_TEMPLATES)
+    heldout_verbs = {"mailed", "tossed", "returned"}
+    assert not any(heldout_verbs & build_corpus.words_of(t) for t in templates)
 
 
 def test_factual_recall(backend):
