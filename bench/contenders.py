@@ -365,6 +365,7 @@ class Tdbql:
     """tdbql's engine, the query parsed and bound from text."""
 
     name = "tdbql"
+    compile = False
 
     def __init__(self, folder: Path, dtype: str, device: str) -> None:
         from tdbql.executor.loading import load_model
@@ -390,8 +391,15 @@ class Tdbql:
         from tdbql.query.plan import PromptRow
 
         rows = [PromptRow(prompt_id=i, text=text) for i, text in enumerate(prompts.texts)]
-        engine = Engine(self.loaded, batch_size=w.batch_size)
+        engine = Engine(self.loaded, batch_size=w.batch_size, compile=self.compile)
         return engine.run(self.statement(w.query()), rows, self.loss())["result"]
+
+
+class TdbqlCompiled(Tdbql):
+    """tdbql with `set compile = on` (torch.compile; the warm-up runs compile)."""
+
+    name = "tdbql_compiled"
+    compile = True
 
 
 def table_keys(table) -> dict[Key, float]:
@@ -406,7 +414,7 @@ def table_keys(table) -> dict[Key, float]:
     return keys
 
 
-CONTENDERS = {c.name: c for c in (Floor, TransformerLensBridge, TransformerLensCacheAll, Tdbql)}
+CONTENDERS = {c.name: c for c in (Floor, TransformerLensBridge, TransformerLensCacheAll, Tdbql, TdbqlCompiled)}
 
 
 # --- agreement ---------------------------------------------------------------------------------------
