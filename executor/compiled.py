@@ -75,7 +75,8 @@ class CompiledPasses:
         with torch.set_grad_enabled(plan.needs_backward):
             probes = [self._probe(loc, batch) for loc in sig.differentiated] if plan.needs_backward else []
             try:
-                logits, values = forward(batch.input_ids, batch.attention_mask if padded else None, padded, probes)
+                logits, values = forward(batch.input_ids, batch.attention_mask if padded else None, padded, probes,
+                                         batch.lengths - 1)
             except Exception as error:
                 if isinstance(error, TdbqlError):
                     raise
@@ -85,7 +86,7 @@ class CompiledPasses:
             for (location, layer), value in captured.items():
                 store.fwd[Raw(location, layer)] = value
             if plan.needs_backward:
-                grads = torch.autograd.grad(objective(logits, store), probes, allow_unused=True)
+                grads = torch.autograd.grad(objective(logits[:, 0], store), probes, allow_unused=True)
                 for (location, layer), probe, grad in zip(sig.differentiated, probes, grads):
                     store.grads[Raw(location, layer, "bwd")] = torch.zeros_like(probe) if grad is None else grad
 
@@ -102,7 +103,7 @@ class CompiledPasses:
         model = self.engine.model
         differentiated = set(sig.differentiated)
 
-        def forward(input_ids, attention_mask, padded: bool, probes: list[torch.Tensor]):
+        def forward(input_ids, attention_mask, padded: bool, probes: list[torch.Tensor], logit_positions):
             values: dict[Location, torch.Tensor] = {}
             probe_of = dict(zip(sig.differentiated, probes))
             hooks = HookSet()
@@ -110,7 +111,7 @@ class CompiledPasses:
                 hooks.add("ln_f.scale", None, torch.Tensor.detach)
             for location in sig.read:
                 hooks.add(*location, _capture(values, location, probe_of.get(location) if location in differentiated else None))
-            logits = model(input_ids, attention_mask, hooks, padded=padded)
+            logits = model(input_ids, attention_mask, hooks, padded=padded, logit_positions=logit_positions)
             return logits, [values[location] for location in sig.read]
 
         return forward

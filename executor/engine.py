@@ -513,7 +513,8 @@ class Engine:
         eager = self._eager_layers(plan)
         parts = {
             "saved": self._saved_numel(plan, T, eager) * element,
-            "logits": T * self.cfg.vocab_size * element * (2 if _loss_backward(plan) else 1),
+            # node passes unembed only each prompt's last token (run_passes); other queries all tokens
+            "logits": (1 if plan is not None else T) * self.cfg.vocab_size * element * (2 if _loss_backward(plan) else 1),
             "captured": self._captured_numel(plan, T, eager) * element,
             "grads": sum(raw_numel(self, r, T) for r in plan.raws if r.pass_ == "bwd") * element if plan else 0,
             "working": self._working_numel(T, bool(eager)) * element * (2 if plan and plan.needs_jvp else 1),
@@ -689,7 +690,7 @@ class Engine:
     def run_passes(self, plan: NodePlan, batch: Batch, means: dict) -> RawStore:
         store = RawStore()
         if self.compiled is not None and compiled_refusal(plan) is None:
-            self.compiled.run(plan, batch, lambda logits, s: self._objective(plan, batch, logits, s), store)
+            self.compiled.run(plan, batch, lambda last_logits, s: self._objective(plan, batch, last_logits, s), store)
             return store
         hooks = HookSet()
         add_ablations(hooks, plan.ablations, batch, means)
@@ -699,9 +700,10 @@ class Engine:
         for raw in sorted({Raw(r.location, r.layer) for r in plan.raws if r.pass_ != "jvp"}):
             hooks.add(raw.location, raw.layer, store.capture(raw))
         with torch.set_grad_enabled(plan.needs_backward):
-            logits = self.model(batch.input_ids, batch.attention_mask, hooks)
+            # node scalars read no logits and the loss reads the last token's: unembed only there
+            logits = self.model(batch.input_ids, batch.attention_mask, hooks, logit_positions=batch.lengths - 1)
             if plan.needs_backward:
-                objective = self._objective(plan, batch, logits, store)
+                objective = self._objective(plan, batch, logits[:, 0], store)
                 store.backward(objective, [r for r in plan.raws if r.pass_ == "bwd"])
         if plan.needs_jvp:
             self._jvp_pass(plan, batch, means, store)
@@ -716,12 +718,14 @@ class Engine:
             for location, layer in plan.trace.detach:
                 hooks.add(location, layer, _detach)
 
-    def _objective(self, plan: NodePlan, batch: Batch, logits: torch.Tensor, store: RawStore) -> torch.Tensor:
+    def _objective(self, plan: NodePlan, batch: Batch, last_logits: torch.Tensor, store: RawStore) -> torch.Tensor:
+        """What the backward differentiates; `last_logits` (batch, vocab) are the logits at each
+        prompt's last real token."""
         if plan.trace is not None and plan.trace.needs_loss:
-            return self._value_trace_objective(plan, batch, logits, store)
+            return self._value_trace_objective(plan, batch, last_logits, store)
         if plan.trace is not None:
             return self._trace_objective(plan.trace, batch, store)
-        per_prompt = prompt_losses(self.loaded, plan.loss, batch.rows, logits, batch.lengths)
+        per_prompt = prompt_losses(self.loaded, plan.loss, batch.rows, last_logits)
         return per_prompt.sum()
 
     def _trace_objective(self, trace: TraceSpec, batch: Batch, store: RawStore) -> torch.Tensor:
@@ -738,15 +742,15 @@ class Engine:
         ae = self.loaded.saes[(SAE_KINDS[trace.kind], trace.layer)]
         return ae.pre_activation(x[b, t])[:, trace.index].sum()
 
-    def _value_trace_objective(self, plan: NodePlan, batch: Batch, logits: torch.Tensor, store: RawStore) -> torch.Tensor:
+    def _value_trace_objective(self, plan: NodePlan, batch: Batch, last_logits: torch.Tensor, store: RawStore) -> torch.Tensor:
         """Σ over prompts of A[t,u,h]·(v[u,h] W_O[h])·stopgrad(g_down[t]), summed over keys u ≤ t
         when the trace names no key. g_down = ∂loss/∂resid.mid[L] at t (ln_f scale frozen as for
         the loss): the one extra backward a V trace costs, with the graph kept for the main one."""
         trace = plan.trace
         L, h = trace.layer, trace.index
-        loss = prompt_losses(self.loaded, plan.loss, batch.rows, logits, batch.lengths).sum()
+        loss = prompt_losses(self.loaded, plan.loss, batch.rows, last_logits).sum()
         (g_down,) = torch.autograd.grad(loss, store.live(Raw("resid.mid", L)), retain_graph=True)  # no graph: stopgrad
-        b = torch.arange(len(batch.rows), device=logits.device)
+        b = torch.arange(len(batch.rows), device=last_logits.device)
         t = resolve_tokens(trace.token, batch)
         probs = store.live(Raw("attn.probs", L))[b, h, t]  # (batch, key); Q and K detached: a constant
         v = store.live(trace.objective)[:, :, h // (self.cfg.n_heads // self.cfg.n_kv_heads)]  # (batch, key, d_head)
@@ -782,7 +786,7 @@ class Engine:
         self.model.attn_impl = "eager"
         try:
             with torch.no_grad(), fwAD.dual_level():
-                self.model(batch.input_ids, batch.attention_mask, hooks)
+                self.model(batch.input_ids, batch.attention_mask, hooks, logit_positions=batch.lengths - 1)
         finally:
             self.model.attn_impl = previous
 
@@ -1038,12 +1042,12 @@ def _single_token(loaded, text: str) -> int:
     return ids[0]
 
 
-def prompt_losses(loaded, loss: Loss | None, rows: Sequence[PromptRow], logits: torch.Tensor, lengths) -> torch.Tensor:
-    """Per-prompt loss at the last real token: (batch,)."""
+def prompt_losses(loaded, loss: Loss | None, rows: Sequence[PromptRow], last_logits: torch.Tensor) -> torch.Tensor:
+    """Per-prompt loss from the logits at each prompt's last real token (batch, vocab): (batch,)."""
     out = []
     for b, row in enumerate(rows):
         kind, targets, distractors = loss_tokens(loaded, loss, row)
-        last = logits[b, int(lengths[b]) - 1].float()
+        last = last_logits[b].float()
         if kind == "logprob":
             out.append(torch.log_softmax(last, -1)[targets].mean())
             continue

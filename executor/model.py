@@ -355,9 +355,14 @@ class Transformer(nn.Module):
         hooks: HookSet | None = None,
         *,
         padded: bool | None = None,
+        logit_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (batch, token) -> logits (batch, token, vocab). `padded`: whether
-        attention_mask hides any token (None: read it off the mask)."""
+        """input_ids (batch, token) -> logits (batch, token, vocab).
+
+        `padded`: whether attention_mask hides any token (None: read it off the mask).
+        `logit_positions` (batch,): unembed only that token of each row -> (batch, 1, vocab), for
+        callers that read no other logits (the vocabulary matmul is the largest in small models).
+        """
         hooks = NO_HOOKS if hooks is None else hooks
         B, T = input_ids.shape
         if self.pos_embed is not None and T > self.cfg.n_ctx:
@@ -370,6 +375,8 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, ctx)
         x = self.ln_f(x, hooks, "ln_f.scale", None)
+        if logit_positions is not None:
+            x = x[torch.arange(B, device=x.device), logit_positions][:, None]  # (batch, 1, d_model)
         return hooks("logits", None, self.unembed(x))
 
     # --- autoencoders ---

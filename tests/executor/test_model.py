@@ -68,6 +68,24 @@ def test_right_padded_batch_equals_prompts_one_by_one(arch, tiny_model):
             torch.testing.assert_close(batch[i, : len(r)], single[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_logit_positions_unembed_only_those_tokens(arch, tiny_model):
+    loaded = tiny_model(arch)
+    rows = [loaded.encode(p) for p in PROMPTS[:2]]
+    T = max(map(len, rows))
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = True
+    last = mask.sum(1) - 1
+    with torch.no_grad():
+        full = loaded.model(ids, attention_mask=mask)
+        picked = loaded.model(ids, attention_mask=mask, logit_positions=last)
+    assert picked.shape == (len(rows), 1, full.shape[-1])
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(len(rows)), last], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "mistral"])
 def test_sdpa_equals_eager_with_padding(arch, tiny_model):
     loaded = tiny_model(arch)
