@@ -374,8 +374,7 @@ def embedded(args) -> dict:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch, duckdb, pyarrow"], check=True)
     import_baseline = time.perf_counter() - t0
-    first, warm, info = _session_query_times(args, compile=False)
-    compiled_first, compiled_warm, _ = _session_query_times(args, compile=True)
+    (first, warm, info), (compiled_first, compiled_warm, _) = _session_query_times(args)
     return {
         "query": EMBEDDED_QUERY,
         "cold_start_command": f"{cli} --model {args.embedded_model} -c {shlex.quote(EMBEDDED_QUERY)}",
@@ -390,25 +389,33 @@ def embedded(args) -> dict:
     }
 
 
-def _session_query_times(args, compile: bool):
-    """The first query in a fresh Session (model load included), then `repeats` warm ones."""
+def _session_query_times(args):
+    """Per session (eager, then `compile = on`): the first query in a fresh Session (model load
+    and compiling included), then `repeats` warm queries, the two sessions' runs interleaved so
+    that both see the same machine load."""
     from tdbql.query.session import Session
 
-    session = Session(model=args.embedded_model, compile=compile)
-    t0 = time.perf_counter()
-    session.execute(EMBEDDED_QUERY)
-    first = time.perf_counter() - t0
-    warm = []
-    for _ in range(args.repeats):
+    sessions = [Session(model=args.embedded_model, compile=compile) for compile in (False, True)]
+    firsts = []
+    for session in sessions:
         t0 = time.perf_counter()
-        session.execute("topk 20 act_times_grad")
-        warm.append(time.perf_counter() - t0)
-    info = session.info()
-    session.close()
-    return first, warm, info
+        session.execute(EMBEDDED_QUERY)
+        firsts.append(time.perf_counter() - t0)
+    warm: list[list[float]] = [[], []]
+    for _ in range(args.repeats):
+        for session, times in zip(sessions, warm):
+            t0 = time.perf_counter()
+            session.execute("topk 20 act_times_grad")
+            times.append(time.perf_counter() - t0)
+    info = sessions[0].info()
+    for session in sessions:
+        session.close()
+    return [(first, times, info) for first, times in zip(firsts, warm)]
 
 
 # --- plot ----------------------------------------------------------------------------------------------
+
+CONTENDER_ORDER = ["floor", "tdbql", "tdbql_compiled", "tl", "tl_all"]
 
 
 def plot(paths: list[str], out: str) -> None:
@@ -424,7 +431,7 @@ def plot(paths: list[str], out: str) -> None:
             continue
         rows += [(report["environment"]["device"], s) for s in report["summary"]]
         models.add(report["model"]["shape"])
-    order = ["floor", "tdbql", "tl", "tl_all"]
+    order = [name for name in CONTENDER_ORDER if any(name in s["median_s"] for _, s in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"{dev} {s['dtype']}\n{s['workload']} {s['shape']}" for dev, s in rows]
     width = 0.8 / len(order)
@@ -455,7 +462,7 @@ def markdown(paths: list[str]) -> str:
         device = report["environment"]["device"]
         for s in report.get("summary", []):
             agreement = s.get("agreement_with_floor", {})
-            for name in ("floor", "tdbql", "tl", "tl_all"):
+            for name in CONTENDER_ORDER:
                 if name not in s["median_s"]:
                     if name in s["errors"]:
                         lines.append(f"| {device} | {s['dtype']} | {s['workload']} | {name} | error | | | |")
