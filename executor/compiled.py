@@ -65,8 +65,9 @@ class CompiledPasses:
         self.engine = engine
         self._compiled: dict[Signature, Callable] = {}
 
-    def run(self, plan, batch: Batch, objective: Callable[[torch.Tensor, dict], torch.Tensor], store) -> None:
-        """One forward (and backward) of `batch`; fills `store` (a RawStore) as the eager path does."""
+    def run(self, plan, batch: Batch, objective: Callable, store) -> None:
+        """One forward (and backward) of `batch`; fills `store` (the engine's RawStore) as the eager
+        path does. `objective(last_logits, store)` is what the backward differentiates."""
         sig = signature(plan)
         forward = self._compiled.get(sig)
         if forward is None:
@@ -80,8 +81,9 @@ class CompiledPasses:
             except Exception as error:
                 if isinstance(error, TdbqlError):
                     raise
-                raise TdbqlError(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0]})",
-                                 hint="set compile = off") from error
+                first_line = (str(error).splitlines() or [""])[0]
+                raise TdbqlError(f"torch.compile failed ({type(error).__name__}: {first_line}); "
+                                 "`set compile = off` runs queries eagerly") from error
             captured = dict(zip(sig.read, values))
             for (location, layer), value in captured.items():
                 store.fwd[Raw(location, layer)] = value
@@ -101,7 +103,6 @@ class CompiledPasses:
 
     def _forward_fn(self, sig: Signature):
         model = self.engine.model
-        differentiated = set(sig.differentiated)
 
         def forward(input_ids, attention_mask, padded: bool, probes: list[torch.Tensor], logit_positions):
             values: dict[Location, torch.Tensor] = {}
@@ -110,7 +111,7 @@ class CompiledPasses:
             if sig.freeze_ln_f:
                 hooks.add("ln_f.scale", None, torch.Tensor.detach)
             for location in sig.read:
-                hooks.add(*location, _capture(values, location, probe_of.get(location) if location in differentiated else None))
+                hooks.add(*location, _capture(values, location, probe_of.get(location)))
             logits = model(input_ids, attention_mask, hooks, padded=padded, logit_positions=logit_positions)
             return logits, [values[location] for location in sig.read]
 

@@ -101,6 +101,20 @@ def test_explain_names_the_compiled_path(compiled_gpt2):
     assert "requires_grad_()" not in text
 
 
+def test_a_compiler_failure_is_a_tdbql_error_that_names_the_way_out(tiny_model, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    engine = Engine(tiny_model("gpt2"), compile=True)
+    query = NodeQuery(mode="topk", k=5, scalars=(ScalarSpec(name="act_times_grad"),))
+    with pytest.raises(TdbqlError, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\); `set compile = off`"):
+        engine.run(query, prompts(), LOSS)
+
+
 def test_session_setting_switches_the_engine():
     session = Session()
     assert session.execute("set compile = on")[-1].message == "compile = True"
