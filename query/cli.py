@@ -16,7 +16,8 @@ import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
 
-from tdbql.query.format import FORMATS, ProgressBar, render_result
+from tdbql.query.format import FORMATS, ProgressBar
+from tdbql.query.meta import ShellState, emit, run_script
 from tdbql.query.plan import TdbqlError
 from tdbql.query.session import Session, render_error
 
@@ -114,15 +115,17 @@ def _scripts(args) -> list[tuple[str, str]]:
 
 
 def run_scripts(session: Session, scripts: list[tuple[str, str]], args) -> int:
-    """Run -c/-f/stdin scripts in order; stop at the first error (exit 1)."""
+    """Run -c/-f/stdin scripts in order, meta-command lines included (`.param`, `.mode`,
+    `.output`, `.plot`, ...); stop at the first error (exit 1) or at `.quit`."""
     max_rows = args.max_rows or (40 if args.format in ("table", "markdown") else None)
+    state = ShellState(session=session, mode=args.format, max_rows=max_rows, pager=False)
     try:
         for kind, value in scripts:
             text, source = _script_text(kind, value)
-            for result in session.execute_iter(text, source_name=source):
-                shown = render_result(result, mode=args.format, max_rows=max_rows)
-                if shown:
-                    print(shown, flush=True)
+            for shown in run_script(state, text, source, confirm_settings=False):
+                emit(state, shown)
+            if state.quit:
+                break
     except TdbqlError as err:
         return report(err, args.debug)
     except KeyboardInterrupt:

@@ -7,16 +7,21 @@ prints, so the registry is unit-tested without a terminal. `.help` is generated 
 
 from __future__ import annotations
 
+import os
+import pydoc
 import shlex
-from collections.abc import Callable
+import shutil
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
+from tdbql.grammar.split import split_statements
 from tdbql.query.format import DEFAULT_MAX_ROWS, FORMATS, format_table, render_result
 from tdbql.query.plan import SCALARS, TdbqlError
-from tdbql.query.session import Session, describe_loss, describe_model, quote_ident
+from tdbql.query.session import Session, describe_loss, describe_model, quote_ident, substitute_params
 
 SCALAR_HELP: dict[str, str] = {
     "act": "activation: MLP post-activation, attention probability, autoencoder latent",
@@ -60,16 +65,17 @@ class MetaCommand:
     help: str
     handler: Handler
     aliases: tuple[str, ...] = field(default=())
+    setting: bool = False  # changes a shell setting; its output only confirms it
 
 
 REGISTRY: dict[str, MetaCommand] = {}
 
 
-def meta_command(name: str, usage: str, help: str, aliases: tuple[str, ...] = ()):
+def meta_command(name: str, usage: str, help: str, aliases: tuple[str, ...] = (), setting: bool = False):
     """Register a handler under `.name` and its aliases."""
 
     def register(handler: Handler) -> Handler:
-        command = MetaCommand(name, usage, help, handler, aliases)
+        command = MetaCommand(name, usage, help, handler, aliases, setting)
         for key in (name, *aliases):
             REGISTRY[key] = command
         return handler
@@ -95,6 +101,105 @@ def run_meta(state: ShellState, line: str) -> str:
         near = get_close_matches(name, list(REGISTRY), n=1)
         raise TdbqlError(f"unknown command '{name}' (try .help)", suggestion=near[0] if near else None)
     return command.handler(state, args)
+
+
+# --- scripts: statements and meta-command lines together ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScriptPart:
+    """A meta-command line, or the statements between two of them."""
+
+    meta: bool
+    line: int  # 1-based line where the part starts
+    column: int  # 1-based column where the part starts
+    text: str  # the meta line; or the statements, after newlines that keep the script's line numbers
+
+
+def script_parts(text: str) -> list[ScriptPart]:
+    """Cut a script (a .tql file, -c text, a pasted block) into meta-command lines and statement
+    runs, in order. A meta-command is a statement that starts a line with `.` (so a `.` inside a
+    multi-line SQL statement or string is not one); a `--` comment after it is dropped. Statement
+    runs keep everything else of the text, padded so that positions in them are the script's."""
+    parts: list[ScriptPart] = []
+    start, has_statements = 0, False  # where the text not yet in `parts` begins; whether it has any
+
+    def flush(end: int) -> None:
+        if has_statements:
+            line = text.count("\n", 0, start) + 1
+            column = start - (text.rfind("\n", 0, start) + 1)
+            parts.append(ScriptPart(False, line, column + 1, "\n" * (line - 1) + " " * column + text[start:end]))
+
+    for chunk in split_statements(text):
+        line_start = text.rfind("\n", 0, chunk.start) + 1
+        if not (text.startswith(".", chunk.start) and not text[line_start:chunk.start].strip()):
+            has_statements = True
+            continue
+        flush(line_start)
+        parts.append(ScriptPart(True, text.count("\n", 0, chunk.start) + 1, chunk.start - line_start + 1,
+                                text[chunk.start:chunk.end]))
+        start, has_statements = chunk.end + text.startswith(";", chunk.end), False
+    flush(len(text))
+    return parts
+
+
+def run_script(state: ShellState, text: str, source_name: str | None = None, *,
+               confirm_settings: bool = True) -> Iterator[str]:
+    """Run a script's statements and meta-commands in order, yielding what each shows; `$name`
+    parameters are filled part by part, so a `.param` line applies to what follows it. Stops after
+    `.quit`. The first error raises TdbqlError with the script's line and column. Without
+    `confirm_settings` (files and -c run by the CLI), `.mode csv` and the like show nothing, so
+    that they do not end up in the CSV."""
+    try:
+        parts = script_parts(text)
+    except TdbqlError as err:
+        err.source_name = source_name
+        raise
+    for part in parts:
+        if not part.meta:
+            for result in state.session.execute_iter(part.text, source_name=source_name):
+                yield state.render(result)
+            continue
+        try:
+            line = substitute_params(part.text, state.session.params)
+            shown = run_meta(state, line)
+        except TdbqlError as err:
+            if err.line is None:
+                err.line, err.column, err.source = part.line, part.column, text
+            err.source_name = source_name
+            raise
+        if confirm_settings or not _only_sets(line):
+            yield shown
+        if state.quit:
+            return
+
+
+def _only_sets(line: str) -> bool:
+    """Whether a meta-command line changes a setting (`.param` with no arguments lists them)."""
+    words = line.split()
+    command = REGISTRY.get(words[0].lower())
+    return command is not None and command.setting and (len(words) > 1 or command.name != ".param")
+
+
+def emit(state: ShellState, text: str) -> None:
+    """Print, append to the .output file, or page when longer or wider than the terminal."""
+    if not text:
+        return
+    if state.output is not None:
+        with state.output.open("a", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+        return
+    size = shutil.get_terminal_size((80, 24))
+    too_long = text.count("\n") + 2 > size.lines
+    too_wide = max(len(line) for line in text.splitlines()) > size.columns
+    if state.pager and sys.stdout.isatty() and (too_long or too_wide):
+        os.environ.setdefault("LESS", "-SRXF")
+        pydoc.pager(text)
+        return
+    print(text, flush=True)
+
+
+# --- handlers ----------------------------------------------------------------------------------------
 
 
 def _expect(args: list[str], most: int, usage: str) -> None:
@@ -156,7 +261,7 @@ def _schema(state: ShellState, args: list[str]) -> str:
     return "\n".join(lines)
 
 
-@meta_command(".mode", ".mode [table|csv|json|markdown]", "Show or set the output format.")
+@meta_command(".mode", ".mode [table|csv|json|markdown]", "Show or set the output format.", setting=True)
 def _mode(state: ShellState, args: list[str]) -> str:
     _expect(args, 1, ".mode [FORMAT]")
     if args:
@@ -166,7 +271,8 @@ def _mode(state: ShellState, args: list[str]) -> str:
     return f"mode {state.mode}"
 
 
-@meta_command(".output", ".output [FILE]", "Write results to FILE (no FILE: back to the screen).", aliases=(".o",))
+@meta_command(".output", ".output [FILE]", "Write results to FILE (no FILE: back to the screen).", aliases=(".o",),
+              setting=True)
 def _output(state: ShellState, args: list[str]) -> str:
     _expect(args, 1, ".output [FILE]")
     if not args:
@@ -192,29 +298,29 @@ def _read(state: ShellState, args: list[str]) -> str:
         raise TdbqlError(f"cannot read '{path}': {exc.strerror}") from exc
     shown = []
     try:
-        for result in state.session.execute_iter(text, source_name=str(path)):
-            shown.append(state.render(result))
+        for output in run_script(state, text, str(path)):
+            shown.append(output)
     except TdbqlError as err:
         err.partial_output = "\n".join(s for s in shown if s)
         raise
     return "\n".join(s for s in shown if s)
 
 
-@meta_command(".timer", ".timer [on|off]", "Show how long each statement takes.")
+@meta_command(".timer", ".timer [on|off]", "Show how long each statement takes.", setting=True)
 def _timer(state: ShellState, args: list[str]) -> str:
     _expect(args, 1, ".timer [on|off]")
     state.timer = _on_off(args, state.timer, ".timer [on|off]")
     return f"timer {'on' if state.timer else 'off'}"
 
 
-@meta_command(".pager", ".pager [on|off]", "Page long tables with $PAGER (less -SRXF).")
+@meta_command(".pager", ".pager [on|off]", "Page long tables with $PAGER (less -SRXF).", setting=True)
 def _pager(state: ShellState, args: list[str]) -> str:
     _expect(args, 1, ".pager [on|off]")
     state.pager = _on_off(args, state.pager, ".pager [on|off]")
     return f"pager {'on' if state.pager else 'off'}"
 
 
-@meta_command(".maxrows", ".maxrows [N|all]", "Rows shown per table in table mode.")
+@meta_command(".maxrows", ".maxrows [N|all]", "Rows shown per table in table mode.", setting=True)
 def _maxrows(state: ShellState, args: list[str]) -> str:
     _expect(args, 1, ".maxrows [N|all]")
     if args:
@@ -227,7 +333,8 @@ def _maxrows(state: ShellState, args: list[str]) -> str:
     return f"maxrows {state.max_rows or 'all'}"
 
 
-@meta_command(".param", ".param [NAME [VALUE]]", "Show or set $NAME (like -D NAME=VALUE); no VALUE: unset.")
+@meta_command(".param", ".param [NAME [VALUE]]", "Show or set $NAME (like -D NAME=VALUE); no VALUE: unset.",
+              setting=True)
 def _param(state: ShellState, args: list[str]) -> str:
     params = state.session.params
     if not args:

@@ -11,9 +11,7 @@ Ctrl-C clears the input, or cancels a running query and keeps the session; Ctrl-
 from __future__ import annotations
 
 import os
-import pydoc
 import re
-import shutil
 import signal
 import sys
 import traceback
@@ -31,7 +29,7 @@ from prompt_toolkit.lexers import PygmentsLexer
 from tdbql.query.completion import complete
 from tdbql.query.format import ProgressBar
 from tdbql.query.lexer import TdbqlLexer
-from tdbql.query.meta import ShellState, is_meta, run_meta
+from tdbql.query.meta import ShellState, emit, is_meta, run_script
 from tdbql.query.plan import SCALARS, TdbqlError
 from tdbql.query.session import Session, render_error
 
@@ -149,24 +147,6 @@ def toolbar_text(session: Session) -> str:
             f"db: {session.db or 'memory'} | .help ")
 
 
-def emit(state: ShellState, text: str) -> None:
-    """Print, append to the .output file, or page when longer or wider than the terminal."""
-    if not text:
-        return
-    if state.output is not None:
-        with state.output.open("a", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-        return
-    size = shutil.get_terminal_size((80, 24))
-    too_long = text.count("\n") + 2 > size.lines
-    too_wide = max(len(line) for line in text.splitlines()) > size.columns
-    if state.pager and sys.stdout.isatty() and (too_long or too_wide):
-        os.environ.setdefault("LESS", "-SRXF")
-        pydoc.pager(text)
-        return
-    print(text, flush=True)
-
-
 def handle_input(state: ShellState, text: str, debug: bool = False) -> None:
     """Run one submitted input (meta-command or statements) and show what it gives."""
     stripped = text.strip()
@@ -176,11 +156,8 @@ def handle_input(state: ShellState, text: str, debug: bool = False) -> None:
         state.quit = True
         return
     try:
-        if is_meta(stripped):
-            emit(state, run_meta(state, stripped))
-            return
-        for result in state.session.execute_iter(text):
-            emit(state, state.render(result))
+        for output in run_script(state, text):
+            emit(state, output)
     except TdbqlError as err:
         emit(state, getattr(err, "partial_output", ""))  # what a .read showed before its error
         if debug:

@@ -119,3 +119,20 @@ def test_python_dash_m_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tdbql.query.cli", "-c", "select 1 as one;", "--format", "csv"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout == "one\n1\n"
+
+
+def test_meta_commands_run_inside_files(tmp_path, capsys):
+    script, out = tmp_path / "job.tql", tmp_path / "out.csv"
+    script.write_text(f".param n 5\n.mode csv\nselect $n as n;  -- from .param\n.output {out}\nselect 6 as m;\n.quit\nselect nope;\n")
+    assert main(["-f", str(script)]) == 0
+    assert capsys.readouterr().out == "n\n5\n"  # settings are not echoed into the CSV
+    assert out.read_text() == "m\n6\n"
+
+
+def test_bad_meta_line_in_a_file_exits_1_with_its_position(tmp_path, capsys):
+    script = tmp_path / "bad.tql"
+    script.write_text("select 1 as one;\n.mode xml\nselect 2 as two;\n")
+    assert main(["-f", str(script)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"{script}:2:1: ") and "xml" in captured.err
+    assert "one" in captured.out and "two" not in captured.out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tdbql.query.meta import REGISTRY, ShellState, is_meta, run_meta
+from tdbql.query.meta import REGISTRY, ShellState, emit, is_meta, run_meta, run_script, script_parts
 from tdbql.query.plan import SCALARS, PromptRow, TdbqlError
 from tdbql.query.session import Session, render_error
 
@@ -160,3 +160,87 @@ def test_read_runs_a_file_and_keeps_output_before_an_error(state, tmp_path):
     assert render_error(info.value).startswith(f"{bad}:2:1: SQL error")
     with pytest.raises(TdbqlError, match="cannot read"):
         run_meta(state, f".read {tmp_path / 'none.tql'}")
+
+
+# --- scripts with meta-command lines -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, parts",
+    [
+        ("select 1;", [(False, 1, "select 1;")]),
+        (".mode csv\nselect 1;", [(True, 1, ".mode csv"), (False, 1, "select 1;")]),
+        ("topk 3 act\n  .param layer 2   -- the layer\ntopk 3 act where layer = $layer",
+         [(False, 1, "topk 3 act"), (True, 2, ".param layer 2"), (False, 2, "-- the layer\ntopk 3 act where layer = $layer")]),
+        # a line starting with '.' inside a SQL statement or string is not a meta-command
+        ("select 1\n.5 as x;\nselect '\n.tables';", [(False, 1, "select 1\n.5 as x;\nselect '\n.tables';")]),
+        ("-- a comment\n.tables\n\n.quit", [(True, 2, ".tables"), (True, 4, ".quit")]),
+        (".mode csv; select 2;", [(True, 1, ".mode csv"), (False, 1, "select 2;")]),
+    ],
+)
+def test_script_parts(text, parts):
+    got = script_parts(text)
+    assert [(p.meta, p.line, p.text.strip()) for p in got] == parts
+    lines = text.split("\n")
+    for part in got:  # statement runs keep the script's lines and columns
+        if not part.meta:
+            for i, line in enumerate(part.text.split("\n")):
+                column = len(line) - len(line.lstrip())
+                assert lines[i][column:].startswith(line.strip())
+
+
+def test_script_runs_meta_lines_in_order_with_params(state, tmp_path, capsys):
+    out = tmp_path / "rows.csv"
+    script = f"select 1 as a;\n.param n 7\n.output {out}\n.mode csv\nselect $n as n;\n.output\nselect 2 as b;"
+    for shown in run_script(state, script, "s.tql", confirm_settings=False):
+        emit(state, shown)
+    assert out.read_text() == "n\n7\n"
+    printed = capsys.readouterr().out
+    assert printed.startswith("a") and printed.splitlines()[-2:] == ["b", "2"]
+    assert "mode" not in printed and "$n" not in printed  # settings are not confirmed in scripts
+    assert run_script(state, ".param", confirm_settings=False).__next__() == "$n = 7"
+
+
+def test_script_stops_at_quit(state):
+    shown = list(run_script(state, "select 1 as a;\n.quit\nselect * from nowhere;"))
+    assert state.quit and len(shown) == 2
+
+
+def test_bad_meta_line_in_a_script_names_file_line_and_column(state):
+    with pytest.raises(TdbqlError) as info:
+        list(run_script(state, "select 1;\n\n  .mode xml", "job.tql"))
+    text = render_error(info.value)
+    assert text.startswith("job.tql:3:3: ") and "xml" in text
+    assert text.splitlines()[-2:] == ["      .mode xml", "      ^"]
+
+
+def test_param_used_before_it_is_set_is_an_error(state):
+    with pytest.raises(TdbqlError, match=r"\$n"):
+        list(run_script(state, "select $n;\n.param n 1"))
+
+
+def test_emit_pages_long_output_and_writes_output_files(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import tdbql.query.meta as meta
+    from tdbql.query.meta import ShellState
+
+    paged = []
+    monkeypatch.setattr(meta.pydoc, "pager", paged.append)
+    monkeypatch.setattr(meta.shutil, "get_terminal_size", lambda fallback=None: SimpleNamespace(lines=10, columns=40))
+    monkeypatch.setattr(meta.sys.stdout, "isatty", lambda: True)
+    state = ShellState(session=None)
+    long_text = "\n".join(str(i) for i in range(30))
+    wide_text = "x" * 50
+    meta.emit(state, long_text)
+    meta.emit(state, wide_text)
+    meta.emit(state, "short")
+    assert paged == [long_text, wide_text]
+    assert capsys.readouterr().out == "short\n"
+    state.pager = False
+    meta.emit(state, long_text)
+    assert len(paged) == 2
+    state.output = tmp_path / "out.txt"
+    meta.emit(state, "to file")
+    meta.emit(state, "again")
+    assert state.output.read_text() == "to file\nagain\n"

@@ -167,30 +167,3 @@ def test_lexer_keywords_come_from_the_grammar():
     for word in KEYWORDS:
         [(token, value)] = [(t, v) for t, v in TdbqlLexer().get_tokens(word) if v.strip()]
         assert token in Keyword, word
-
-
-def test_emit_pages_long_output_and_writes_output_files(monkeypatch, tmp_path, capsys):
-    from types import SimpleNamespace
-
-    import tdbql.query.repl as repl
-    from tdbql.query.meta import ShellState
-
-    paged = []
-    monkeypatch.setattr(repl.pydoc, "pager", paged.append)
-    monkeypatch.setattr(repl.shutil, "get_terminal_size", lambda fallback=None: SimpleNamespace(lines=10, columns=40))
-    monkeypatch.setattr(repl.sys.stdout, "isatty", lambda: True)
-    state = ShellState(session=None)
-    long_text = "\n".join(str(i) for i in range(30))
-    wide_text = "x" * 50
-    repl.emit(state, long_text)
-    repl.emit(state, wide_text)
-    repl.emit(state, "short")
-    assert paged == [long_text, wide_text]
-    assert capsys.readouterr().out == "short\n"
-    state.pager = False
-    repl.emit(state, long_text)
-    assert len(paged) == 2
-    state.output = tmp_path / "out.txt"
-    repl.emit(state, "to file")
-    repl.emit(state, "again")
-    assert state.output.read_text() == "to file\nagain\n"

@@ -1,6 +1,6 @@
 """Run every command of docs/tutorial.md, in order, and check the structure of what it builds.
 
-Blocks: ```tdbql (statements, and `.meta` lines run through the meta-command registry),
+Blocks: ```tdbql (statements and `.meta` lines, run as the shell runs a script),
 ```tdbql file=NAME (written to NAME), ```sh (each `tdbql ...` line run as the console script).
 The embedded model is used when it is present, else the tiny random GPT-2; numbers are never
 asserted, only shapes and invariants (attention rows sum to one, rankings are sorted, ...).
@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tdbql.query.meta import ShellState, is_meta, run_meta
+from tdbql.query.meta import ShellState, run_script
 from tdbql.query.session import Session
 
 TUTORIAL = Path(__file__).resolve().parents[2] / "docs" / "tutorial.md"
@@ -26,22 +26,6 @@ BLOCK = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.S | re.M)
 def tutorial_blocks() -> list[tuple[str, str, str]]:
     """(language, info, body) for every fenced block, in order."""
     return [(m.group(1), m.group(2).strip(), m.group(3)) for m in BLOCK.finditer(TUTORIAL.read_text())]
-
-
-def chunks(body: str) -> list[str]:
-    """Meta lines alone; runs of other lines together (a SQL statement may span lines)."""
-    out, pending = [], []
-    for line in body.splitlines():
-        if is_meta(line):
-            if pending:
-                out.append("\n".join(pending))
-                pending = []
-            out.append(line)
-        else:
-            pending.append(line)
-    if pending:
-        out.append("\n".join(pending))
-    return out
 
 
 @pytest.fixture
@@ -65,11 +49,8 @@ def test_tutorial_runs(model_name, tdbql_bin, cli_env, tmp_path, monkeypatch):
         if lang == "tdbql" and info.startswith("file="):
             (tmp_path / info.removeprefix("file=")).write_text(body)
         elif lang == "tdbql":
-            for chunk in chunks(body):
-                if is_meta(chunk):
-                    run_meta(state, chunk)
-                else:
-                    session.execute(chunk)
+            for _ in run_script(state, body):
+                pass
         elif lang == "sh":
             shell_runs += [line for line in body.splitlines() if line.startswith("tdbql ")]
     check_tables(session)
