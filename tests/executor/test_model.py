@@ -50,16 +50,22 @@ def test_logits_and_hidden_states_match_transformers(arch, make_checkpoint, tiny
             assert (ours.model(ids) - out.logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_right_padded_batch_equals_prompts_one_by_one(arch, tiny_model):
-    loaded = tiny_model(arch)
-    rows = [loaded.encode(p) for p in PROMPTS]
+def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask (batch, token) for token-id rows of different lengths."""
     T = max(map(len, rows))
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = True
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_right_padded_batch_equals_prompts_one_by_one(arch, tiny_model):
+    loaded = tiny_model(arch)
+    rows = [loaded.encode(p) for p in PROMPTS]
+    ids, mask = right_padded(rows)
     assert not mask.all()
     with torch.no_grad():
         batch = loaded.model(ids, attention_mask=mask)
@@ -72,12 +78,7 @@ def test_right_padded_batch_equals_prompts_one_by_one(arch, tiny_model):
 def test_logit_positions_unembed_only_those_tokens(arch, tiny_model):
     loaded = tiny_model(arch)
     rows = [loaded.encode(p) for p in PROMPTS[:2]]
-    T = max(map(len, rows))
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = True
+    ids, mask = right_padded(rows)
     last = mask.sum(1) - 1
     with torch.no_grad():
         full = loaded.model(ids, attention_mask=mask)
