@@ -11,10 +11,11 @@ Edges, each per position and layer l (src -> dst):
 - `mlp_resid`  resid.mid[l]@t -> resid.post[l]@t (the residual around the MLP).
 resid.pre[l] is resid.post[l-1], or `embed` for l = 0.
 
-Thresholds (LLM-TT §1): `cell` cuts each (key, head) share <= threshold before heads are summed
-(LLM-TT with "renormalize" on); `edge` cuts head-summed edges <= threshold (LLM-TT with it off).
-Residual and MLP shares are cut the same way; `renormalize` rescales what is kept to sum to 1 per
-node. route_nodes are the nodes reachable from the chosen token's final state over kept edges,
+Thresholds (LLM-TT §1): `cell` (the default) cuts each (key, head) share <= threshold before
+heads are summed (LLM-TT with "renormalize" on, its default); `edge` cuts head-summed edges <=
+threshold (LLM-TT with it off), where, as in LLM-TT's graph, the residual and the u = t attention
+edge count as one edge. MLP shares are cut the same way; `renormalize` (default on) rescales what
+is kept to sum to 1 per node. route_nodes are the nodes reachable from the chosen token's final state over kept edges,
 found by a backward sweep over layers with boolean masks; route_edges are the kept edges into
 reachable nodes. Only kept entries of each layer are stored (at most 1/threshold edges per
 node), so memory does not grow with tokens squared across layers.
@@ -80,8 +81,8 @@ def threshold_attention(
     c_res: torch.Tensor,  # [n]
     threshold: float,
     *,
-    mode: str = "edge",
-    renormalize: bool = False,
+    mode: str = "cell",
+    renormalize: bool = True,
 ) -> AttentionEdges:
     """Apply LLM-TT's threshold per cell or per head-summed edge; keep causal edges only."""
     n = c_attn.shape[0]
@@ -92,9 +93,11 @@ def threshold_attention(
         kept = cells.sum(-1) > 0
     elif mode == "edge":
         edges = c_attn.sum(-1)  # [n, n]
-        kept = edges > threshold
+        diagonal = torch.arange(n, device=c_attn.device)
+        # LLM-TT sums the residual into the u = t attention edge (one networkx edge) and cuts the sum
+        kept = edges.index_put((diagonal, diagonal), c_res, accumulate=True) > threshold
         cells = c_attn * kept[..., None]
-        resid = c_res * (c_res > threshold)
+        resid = c_res * kept[diagonal, diagonal]
         if renormalize:
             total = (edges * kept).sum(-1) + resid
             safe = torch.where(total > 0, total, torch.ones_like(total))

@@ -234,13 +234,14 @@ class UpvotedQuery(Node):
 
 
 class RoutesQuery(Node):
-    """`routes threshold 0.04 renormalize on from token -1 mode heads`: LLM-TT's graph."""
+    """`routes threshold 0.04 renormalize on from token -1 mode cell`: LLM-TT's graph. The
+    defaults are LLM-TT's (threshold 0.04, "renormalize after threshold" on, per cell)."""
 
     kind: Literal["routes"] = "routes"
     threshold: float = 0.04
-    renormalize: bool = False
+    renormalize: bool = True
     from_token: int | None = None
-    threshold_mode: Literal["cell", "edge"] = "edge"
+    threshold_mode: Literal["cell", "edge"] = "cell"
     norm: Literal[1, 2] = 1
     name: str | None = None
 

@@ -130,10 +130,11 @@ def reference_graph(loaded, text: str, query: RoutesQuery) -> tuple[nx.MultiDiGr
             res = float(c_res[t])
             if query.threshold_mode == "cell":
                 cells = {k: c for k, c in cells.items() if c > tau}
-            else:
-                kept_u = {u for u in range(t + 1) if sum(cells[(u, h)] for h in range(H)) > tau}
+                res = res if res > tau else 0.0
+            else:  # one networkx edge per (u, t), the residual summed into u = t, as LLM-TT builds it
+                kept_u = {u for u in range(t + 1) if sum(cells[(u, h)] for h in range(H)) + (res if u == t else 0) > tau}
                 cells = {k: c for k, c in cells.items() if k[0] in kept_u}
-            res = res if res > tau else 0.0
+                res = res if t in kept_u else 0.0
             if query.renormalize:
                 total = sum(cells.values()) + res
                 cells = {k: c / total for k, c in cells.items()}
@@ -299,3 +300,17 @@ def test_contributions_see_the_hooks_the_engine_adds(tiny_model):
         assert len(head1) == t + 1 and max(head1) == pytest.approx(min(head1), rel=1e-6)
         assert head1[0] <= min(others + [res]) * (1 + 1e-6)  # the floor is the smallest share
         assert max(others + [res]) > 1000 * head1[0]
+
+
+def test_edge_mode_cuts_the_residual_and_the_self_edge_together_as_llmtt_does():
+    # query 1: key 0 takes 0.95; the self edge (0.03 over two heads) and the residual (0.02) are each
+    # under the threshold, but LLM-TT's graph holds them as one edge of 0.05, which is kept
+    c_attn = torch.tensor([[[0.5, 0.4], [0.0, 0.0]], [[0.5, 0.45], [0.01, 0.02]]])  # [query, key, head]
+    c_res = torch.tensor([0.1, 0.02])
+    kept = routes.threshold_attention(c_attn, c_res, 0.04, mode="edge", renormalize=False)
+    assert sorted(zip(kept.dst.tolist(), kept.src.tolist())) == [(0, 0), (1, 0), (1, 1)]
+    assert kept.resid.tolist() == pytest.approx([0.1, 0.02])
+    cut = routes.threshold_attention(c_attn, c_res, 0.06, mode="edge", renormalize=False)
+    assert (1, 1) not in set(zip(cut.dst.tolist(), cut.src.tolist())) and cut.resid[1] == 0
+    per_cell = routes.threshold_attention(c_attn, c_res, 0.04)  # the default: per cell, renormalized
+    assert per_cell.resid[1] == 0 and per_cell.heads.sum() + per_cell.resid.sum() == pytest.approx(2.0)
