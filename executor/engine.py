@@ -689,6 +689,8 @@ class Engine:
 
     def run_passes(self, plan: NodePlan, batch: Batch, means: dict) -> RawStore:
         store = RawStore()
+        if not plan.raws:  # every value comes from elsewhere (contribution's own pass)
+            return store
         if self.compiled is not None and compiled_refusal(plan) is None:
             self.compiled.run(plan, batch, lambda last_logits, s: self._objective(plan, batch, last_logits, s), store)
             return store

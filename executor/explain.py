@@ -50,6 +50,8 @@ def _passes(plan, compiled: bool) -> list[str]:
     if plan.mean_pass:
         passes.append("once, before the batches: a forward pass over the whole prompt set (no grad) to compute "
                       "the =mean ablation values")
+    if not plan.raws:
+        return passes + ["per batch: the forward pass of executor/contrib.py (LLM-TT proximities), no other"]
     if compiled:
         forward = "per batch: compiled forward" + (" (autograd from zero probes)" if plan.needs_backward else " under no_grad")
     else:
@@ -129,7 +131,7 @@ def explain_plan(engine, plan, prompts: Sequence[PromptRow]) -> str:
         "passes:",
         *(f"  {i + 1}. {p}" for i, p in enumerate(_passes(plan, compiled))),
         "hooks:",
-        *(f"  {h}" for h in _hooks(plan, compiled)),
+        *(f"  {h}" for h in _hooks(plan, compiled) or ["(none)"]),
         f"attention: eager (probabilities) at layers {eager}; fused SDPA elsewhere" if eager
         else "attention: fused SDPA at every layer (no probabilities needed)",
         f"blocks derived per batch: {len(plan.sites)} (kind x layer)",
@@ -139,7 +141,7 @@ def explain_plan(engine, plan, prompts: Sequence[PromptRow]) -> str:
         f"per batch {_memory_parts(memory, batch_size)})",
     ]
     lines.append(_path(engine, plan))
-    if "contribution" in plan.computed:
+    if "contribution" in plan.computed and plan.raws:
         lines.append("contribution: one more forward pass per batch in executor/contrib.py (LLM-TT proximities)")
     if plan.pairs:
         lines.append("attrib_patch: prompts read as (clean, corrupted) pairs 0-1, 2-3, ...; rows for clean prompts")

@@ -194,6 +194,8 @@ def test_contribution_scalar_comes_from_contrib_with_ablations(tiny_model):
 
     want = contributions(loaded, rows, components=["attn", "head", "mlp"], add_hooks=ablate).to_pylist()
     assert len(want) == len(got)
+    passes = Engine(loaded).explain(query, rows, None).split("passes:")[1].split("hooks:")[0]
+    assert passes.strip() == "1. per batch: the forward pass of executor/contrib.py (LLM-TT proximities), no other"
     for r in want:
         key = (r["prompt_id"], r["component"], r["layer"], r["unit"], r["position"], r["attended"])
         assert abs(got[key] - r["contribution"]) < 1e-6
