@@ -128,11 +128,19 @@ def canonical_order(rows: Rows) -> Rows:
 
 
 class TopKSink:
-    """Running top-k (bottom-k) of `rank_by` per group, across batches."""
+    """Running top-k (bottom-k) of `rank_by` per group, across batches.
+
+    Each block contributes its prefiltered candidates; they are merged and ranked (one sort of
+    everything pending) when `PRUNE_AT` rows are pending and at the end, not once per block: a
+    query's blocks then cost one sort instead of one each (a dozen on a small model)."""
+
+    PRUNE_AT = 16_384  # pending candidate rows (about 100 bytes each) before a merge
 
     def __init__(self, k: int, rank_by: str, *, bottom: bool, by: tuple[str, ...]) -> None:
         self.k, self.rank_by, self.bottom, self.by = k, rank_by, bottom, by
         self.state: Rows | None = None
+        self._pending: list[Rows] = []
+        self._n_pending = 0
 
     def _score(self, values: torch.Tensor) -> torch.Tensor:
         score = -values if self.bottom else values
@@ -144,14 +152,19 @@ class TopKSink:
         # NaN and masked-out nodes score -inf (a real -inf value scores the lowest finite float, as in _score)
         score = torch.where(candidate, torch.nan_to_num(-values if self.bottom else values), float("-inf"))
         keep = candidate & (score >= self._threshold(score))
-        if not keep.any():
-            return
         rows = block_rows(block, keep)
-        if self.state is not None:
-            previous = {key: value for key, value in self.state.items() if key != "rank"}
-            rows = concat_rows([previous, rows])
-        self.state = rows
-        self._prune()
+        self._pending.append(rows)
+        self._n_pending += rows["ordinal"].numel()
+        if self._n_pending >= self.PRUNE_AT:
+            self._merge()
+
+    def _merge(self) -> None:
+        parts = [{key: value for key, value in self.state.items() if key != "rank"}] if self.state else []
+        parts += [rows for rows in self._pending if rows["ordinal"].numel()]
+        self._pending, self._n_pending = [], 0
+        if parts:
+            self.state = concat_rows(parts)
+            self._prune()
 
     def _threshold(self, score: torch.Tensor) -> torch.Tensor:
         """The k-th best score per in-block group, broadcast to the block (a cheap prefilter)."""
@@ -186,6 +199,7 @@ class TopKSink:
         self.state["rank"] = rank[keep] + 1
 
     def result(self) -> Rows | None:
+        self._merge()
         return self.state
 
 

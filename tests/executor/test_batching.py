@@ -9,6 +9,7 @@ import pytest
 
 from tdbql.executor.batching import batches
 from tdbql.executor.engine import Engine
+from tdbql.executor.reduce import TopKSink
 from tdbql.query.plan import Condition, NodeQuery, PromptRow, Range, ScalarSpec, TdbqlError
 
 from tests.executor.test_scalars import LOSS, prompts
@@ -65,8 +66,11 @@ def _key(r):
     return tuple(-1 if r[c] is None else r[c] for c in ID)
 
 
+@pytest.mark.parametrize("prune_at", [None, 1])  # merge at the end / after every block
 @pytest.mark.parametrize("by", [(), ("layer", "component"), ("prompt",), ("token",)])
-def test_running_topk_equals_sorting_the_dense_rows(tiny_model, by):
+def test_running_topk_equals_sorting_the_dense_rows(tiny_model, by, prune_at, monkeypatch):
+    if prune_at is not None:
+        monkeypatch.setattr(TopKSink, "PRUNE_AT", prune_at)
     loaded = tiny_model("gpt2")
     dense = _dense(loaded)
     groups = defaultdict(list)
