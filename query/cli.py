@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-rows", type=_positive_int, metavar="N",
                         help="rows shown per table in table format (default: 40)")
     parser.add_argument("--safe", action="store_true",
-                        help="no file or network access from SQL (DuckDB enable_external_access=false)")
+                        help="for scripts you did not write: no file or network access from SQL (DuckDB "
+                             "enable_external_access=false), no prompt files, no model or autoencoder "
+                             "paths, no .read/.output/.plot")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"tdbql {package_version()}")
     return parser

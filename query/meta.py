@@ -202,6 +202,12 @@ def emit(state: ShellState, text: str) -> None:
 # --- handlers ----------------------------------------------------------------------------------------
 
 
+def _refuse_files_when_safe(state: ShellState, what: str) -> None:
+    """--safe runs scripts you did not write: no meta-command reads or writes files either."""
+    if state.session is not None and state.session.safe:
+        raise TdbqlError(f"{what} is disabled in --safe mode (it reads or writes files)")
+
+
 def _expect(args: list[str], most: int, usage: str) -> None:
     if len(args) > most:
         raise TdbqlError(f"too many arguments; usage: {usage}")
@@ -278,6 +284,7 @@ def _output(state: ShellState, args: list[str]) -> str:
     if not args:
         state.output = None
         return "output: stdout"
+    _refuse_files_when_safe(state, ".output FILE")
     path = Path(args[0]).expanduser()
     try:
         path.write_text("", encoding="utf-8")
@@ -289,6 +296,7 @@ def _output(state: ShellState, args: list[str]) -> str:
 
 @meta_command(".read", ".read FILE", "Run the statements of a .tql file.", aliases=("\\i",))
 def _read(state: ShellState, args: list[str]) -> str:
+    _refuse_files_when_safe(state, ".read")
     if len(args) != 1:
         raise TdbqlError("usage: .read FILE")
     path = Path(args[0]).expanduser()
@@ -396,6 +404,7 @@ def _prompts(state: ShellState, args: list[str]) -> str:
 @meta_command(".plot", ".plot [TABLE] [--kind K] [--value COL] [--to FILE]",
               "Draw a table (default _) to a PNG: attention, layers or bars.")
 def _plot(state: ShellState, args: list[str]) -> str:
+    _refuse_files_when_safe(state, ".plot")
     from tdbql.query.plot import plot_table
 
     options = _plot_options(args)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -282,16 +283,25 @@ class Session:
 
     def _run_model(self, stmt: ModelStmt, result: StatementResult, source_name) -> StatementResult:
         local = resolve_path(stmt.name, source_name)
+        self._refuse_local_path_when_safe(local, "a model")
         name = str(local) if local.exists() else stmt.name
         self._load(name, dtype=stmt.dtype or self.settings.dtype, device=stmt.device or self.settings.device)
         result.message = describe_model(self._loaded.info(), self.settings)
         return result
 
     def _run_sae(self, stmt: SaeStmt, result: StatementResult, source_name) -> StatementResult:
-        aes = self.loaded.load_sae(resolve_path(stmt.path, source_name), stmt.site)
+        path = resolve_path(stmt.path, source_name)
+        self._refuse_local_path_when_safe(path, "autoencoders")
+        aes = self.loaded.load_sae(path, stmt.site)
         attached = [f"{ae.site}[{ae.layer}] ({ae.n_latents} latents)" for ae in aes]
         result.message = f"attached {len(attached)} autoencoder(s): {', '.join(attached)}"
         return result
+
+    def _refuse_local_path_when_safe(self, path: Path, what: str) -> None:
+        """--safe: scripts load models and autoencoders by registry name or hub id, not from files
+        (the --model given on the command line is the user's own choice and stays allowed)."""
+        if self.safe and path.exists():
+            raise TdbqlError(f"loading {what} from a local path is disabled in --safe mode: {path}")
 
     def _run_prompt(self, stmt: PromptStmt, result: StatementResult, source_name) -> StatementResult:
         return self._set_prompts(prompt_rows(stmt.texts), result)

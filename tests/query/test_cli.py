@@ -136,3 +136,20 @@ def test_bad_meta_line_in_a_file_exits_1_with_its_position(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.startswith(f"{script}:2:1: ") and "xml" in captured.err
     assert "one" in captured.out and "two" not in captured.out
+
+
+@pytest.mark.parametrize(
+    "statement, message",
+    [
+        ("model '{dir}'", "loading a model from a local path is disabled in --safe mode"),
+        ("sae mlp from '{dir}'", "loading autoencoders from a local path is disabled in --safe mode"),
+        (".output {dir}/out.txt", ".output FILE is disabled in --safe mode"),
+        (".read {dir}/job.tql", ".read is disabled in --safe mode"),
+        (".plot", ".plot is disabled in --safe mode"),
+    ],
+)
+def test_safe_mode_scripts_touch_no_files(tmp_path, capsys, statement, message):
+    (tmp_path / "job.tql").write_text("select 1;\n")
+    assert main(["--safe", "-c", statement.format(dir=tmp_path)]) == 1  # the default model
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.txt").exists()
