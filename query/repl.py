@@ -143,7 +143,8 @@ def key_bindings() -> KeyBindings:
 def toolbar_text(session: Session) -> str:
     model = session.model_name if session.is_loaded else f"{session.model_name} (not loaded)"
     n = len(session.prompts)
-    return (f" model: {model} | device: {session.settings.device} | prompts: {n} | "
+    compiled = " (compile on)" if session.settings.compile else ""
+    return (f" model: {model} | device: {session.settings.device}{compiled} | prompts: {n} | "
             f"db: {session.db or 'memory'} | .help ")
 
 

@@ -13,7 +13,14 @@ from prompt_toolkit.document import Document
 from pygments.token import Comment, Keyword, Name, Number, String
 
 from tdbql.query.lexer import TdbqlLexer
-from tdbql.query.repl import TdbqlCompleter, history_path, is_complete_tdbql, last_significant_char, should_submit
+from tdbql.query.repl import (
+    TdbqlCompleter,
+    history_path,
+    is_complete_tdbql,
+    last_significant_char,
+    should_submit,
+    toolbar_text,
+)
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 
@@ -167,3 +174,13 @@ def test_lexer_keywords_come_from_the_grammar():
     for word in KEYWORDS:
         [(token, value)] = [(t, v) for t, v in TdbqlLexer().get_tokens(word) if v.strip()]
         assert token in Keyword, word
+
+
+def test_toolbar_names_model_device_compile_prompts_and_db():
+    from tdbql.query.session import Session
+
+    session = Session(model="default")
+    assert toolbar_text(session) == " model: default (not loaded) | device: cpu | prompts: 0 | db: memory | .help "
+    session.execute("set compile = on")
+    assert "device: cpu (compile on) |" in toolbar_text(session)
+    session.close()
