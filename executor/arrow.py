@@ -30,6 +30,17 @@ NODE_ID_FIELDS = [
     pa.field("rank", pa.int32()),
 ]
 
+# the node key of the per-node tables the executor builds before the node table (contributions,
+# upvoted tokens): raw int64 coordinates, no token strings or rank yet
+NODE_KEY_FIELDS = [
+    pa.field("prompt_id", pa.int64()),
+    pa.field("layer", pa.int64()),
+    pa.field("component", pa.string()),
+    pa.field("unit", pa.int64()),
+    pa.field("position", pa.int64()),
+    pa.field("attended", pa.int64()),
+]
+
 LOGIT_FIELDS = [
     pa.field("prompt_id", pa.int64()),
     pa.field("position", pa.int32()),

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
+from tdbql.executor.arrow import NODE_KEY_FIELDS
 from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, Batch, batch_hooks, batches, forward_no_grad
 from tdbql.executor.hooks import HookSet
 from tdbql.query.plan import PromptRow, TdbqlError
@@ -343,17 +344,7 @@ def run_capture(
     forward_no_grad(loaded, batch, hooks)
 
 
-CONTRIBUTION_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.int64()),
-        ("layer", pa.int64()),
-        ("component", pa.string()),
-        ("unit", pa.int64()),
-        ("position", pa.int64()),
-        ("attended", pa.int64()),
-        ("contribution", pa.float64()),
-    ]
-)
+CONTRIBUTION_SCHEMA = pa.schema(NODE_KEY_FIELDS + [pa.field("contribution", pa.float64())])
 
 
 def contributions(

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import torch
 
-from tdbql.executor.arrow import LOGIT_FIELDS, concat_tables
+from tdbql.executor.arrow import LOGIT_FIELDS, NODE_KEY_FIELDS, concat_tables
 from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, batch_hooks, batches, forward_no_grad
 from tdbql.executor.hooks import NO_HOOKS
 from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, PromptRow, Range, TdbqlError, UpvotedQuery
@@ -30,18 +30,9 @@ from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, PromptRow, Rang
 # design §5: the logits table, plus the rank change against the previous residual location
 LENS_SCHEMA = pa.schema(LOGIT_FIELDS + [pa.field("rank_change", pa.int32())])
 UPVOTED_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.int64()),
-        ("layer", pa.int64()),
-        ("component", pa.string()),
-        ("unit", pa.int64()),
-        ("position", pa.int64()),
-        ("attended", pa.int64()),
-        ("vocab_id", pa.int64()),
-        ("token", pa.string()),
-        ("score", pa.float64()),
-        ("rank", pa.int64()),
-    ]
+    NODE_KEY_FIELDS
+    + [pa.field("vocab_id", pa.int64()), pa.field("token", pa.string()), pa.field("score", pa.float64()),
+       pa.field("rank", pa.int64())]
 )
 LENS_FIELDS = ("layer", "token", "prompt")
 
