@@ -89,6 +89,12 @@ def is_meta(text: str) -> bool:
 
 def run_meta(state: ShellState, line: str) -> str:
     """Run one meta-command line; unknown commands and bad arguments raise TdbqlError."""
+    command, args = parse_meta(line)
+    return command.handler(state, args)
+
+
+def parse_meta(line: str) -> tuple[MetaCommand, list[str]]:
+    """The command a meta-command line names, and its argument words."""
     try:
         words = shlex.split(line.strip())
     except ValueError as exc:
@@ -100,7 +106,7 @@ def run_meta(state: ShellState, line: str) -> str:
 
         near = get_close_matches(name, list(REGISTRY), n=1)
         raise TdbqlError(f"unknown command '{name}' (try .help)", suggestion=near[0] if near else None)
-    return command.handler(state, args)
+    return command, args
 
 
 # --- scripts: statements and meta-command lines together ------------------------------------------------
@@ -161,24 +167,18 @@ def run_script(state: ShellState, text: str, source_name: str | None = None, *,
                 yield state.render(result)
             continue
         try:
-            line = substitute_params(part.text, state.session.params)
-            shown = run_meta(state, line)
+            command, args = parse_meta(substitute_params(part.text, state.session.params))
+            shown = command.handler(state, args)
         except TdbqlError as err:
             if err.line is None:
                 err.line, err.column, err.source = part.line, part.column, text
             err.source_name = source_name
             raise
-        if confirm_settings or not _only_sets(line):
+        # a setting's output only confirms it (`.param` with no arguments lists the parameters)
+        if confirm_settings or not command.setting or (not args and command.name == ".param"):
             yield shown
         if state.quit:
             return
-
-
-def _only_sets(line: str) -> bool:
-    """Whether a meta-command line changes a setting (`.param` with no arguments lists them)."""
-    words = line.split()
-    command = REGISTRY.get(words[0].lower())
-    return command is not None and command.setting and (len(words) > 1 or command.name != ".param")
 
 
 def emit(state: ShellState, text: str) -> None:
