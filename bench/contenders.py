@@ -368,7 +368,7 @@ class Tdbql:
     compile = False
 
     def __init__(self, folder: Path, dtype: str, device: str) -> None:
-        from tdbql.executor.loading import load_model
+        from tdbql.executor.runtime.loading import load_model
 
         self.loaded = load_model(str(folder), dtype=dtype, device=device)
 
@@ -388,7 +388,7 @@ class Tdbql:
 
     def table(self, prompts: PromptSet, w: Workload):
         from tdbql.executor.engine import Engine
-        from tdbql.query.plan import PromptRow
+        from tdbql.query.context import PromptRow
 
         rows = [PromptRow(prompt_id=i, text=text) for i, text in enumerate(prompts.texts)]
         engine = Engine(self.loaded, batch_size=w.batch_size, compile=self.compile)

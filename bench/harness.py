@@ -129,7 +129,7 @@ def prepare_end_to_end(contender, folder: Path, w: C.Workload, dtype: str, devic
     from tokenizers import Tokenizer
 
     if isinstance(contender, C.Tdbql):
-        from tdbql.query.session import Session
+        from tdbql.shell.session import Session
 
         contender.session = Session(model=str(folder), device=device, dtype=dtype, batch_size=w.batch_size,
                                     compile=contender.compile)
@@ -393,7 +393,7 @@ def _session_query_times(args):
     """Per session (eager, then `compile = on`): the first query in a fresh Session (model load
     and compiling included), then `repeats` warm queries, the two sessions' runs interleaved so
     that both see the same machine load."""
-    from tdbql.query.session import Session
+    from tdbql.shell.session import Session
 
     sessions = [Session(model=args.embedded_model, compile=compile) for compile in (False, True)]
     firsts = []

@@ -26,7 +26,7 @@ WORDS = ("Mary John store drink gave went when and the to a cat sat on mat Paris
 
 
 def make_prompts(n: int):
-    from tdbql.query.plan import PromptRow
+    from tdbql.query.context import PromptRow
 
     texts = []
     for i in range(n):
@@ -36,8 +36,8 @@ def make_prompts(n: int):
 
 
 def load():
-    from tdbql.executor.loading import load_model
-    from tdbql.query.plan import TdbqlError
+    from tdbql.executor.runtime.loading import load_model
+    from tdbql.query.errors import TdbqlError
 
     try:
         return load_model("default")

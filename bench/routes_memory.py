@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from tdbql.executor.loading import LoadedModel
-from tdbql.executor.model import ModelConfig, Transformer
+from tdbql.executor.runtime.loading import LoadedModel
+from tdbql.executor.runtime.model import ModelConfig, Transformer
 from tdbql.executor.routes import routes
-from tdbql.query.plan import PromptRow, RoutesQuery
+from tdbql.query.context import PromptRow
+from tdbql.query.plan import RoutesQuery
 
 GIB = 1024**3
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tdbql.executor.batching import Batch, batches, resolve_tokens
-from tdbql.executor.hooks import HookSet
-from tdbql.query.plan import PromptRow
+from .runtime.batching import Batch, batches, resolve_tokens
+from .runtime.hooks import HookSet
+from ..query.context import PromptRow
 
 
 @dataclass(frozen=True)

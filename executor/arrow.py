@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tdbql.executor.reduce import NULL, Rows
-from tdbql.executor.scalars import ALL_KINDS
+from .reduce import NULL, Rows
+from .scalars import ALL_KINDS
 
 NODE_ID_FIELDS = [
     pa.field("prompt_id", pa.int64()),

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tdbql.executor.batching import Batch
-from tdbql.executor.hooks import HookSet, location_shape
-from tdbql.executor.model import upcast
-from tdbql.executor.scalars import Raw
-from tdbql.query.plan import TdbqlError
+from .runtime.batching import Batch
+from .runtime.hooks import HookSet, location_shape
+from .runtime.model import upcast
+from .scalars import Raw
+from ..query.errors import TdbqlError
 
 Location = tuple[str, "int | None"]
 

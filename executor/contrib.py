@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from tdbql.executor.arrow import NODE_KEY_FIELDS
-from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, Batch, batch_hooks, batches, forward_no_grad
-from tdbql.executor.hooks import HookSet
-from tdbql.query.plan import PromptRow, TdbqlError
+from .arrow import NODE_KEY_FIELDS
+from .runtime.batching import DEFAULT_TOKEN_BUDGET, AddHooks, Batch, batch_hooks, batches, forward_no_grad
+from .runtime.hooks import HookSet
+from ..query.context import PromptRow
+from ..query.errors import TdbqlError
 
 EPS = 1e-5  # LLM-TT's floor on proximities: even a zero part keeps a tiny share
 DEFAULT_TILE_ELEMENTS = 1 << 21  # elements of one (query block x row block x d_model) L1 tile

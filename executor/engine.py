@@ -33,24 +33,15 @@ import pyarrow as pa
 import torch
 from torch.autograd import forward_ad as fwAD
 
-from tdbql.executor.ablation import AblationSpec, ablation_means, add_ablations, needs_means
-from tdbql.executor.arrow import logit_table, node_table
-from tdbql.executor.batching import Batch, batches, check_pairs, encode_prompts, resolve_tokens
-from tdbql.executor.compiled import CompiledPasses
-from tdbql.executor.compiled import refusal as compiled_refusal
-from tdbql.executor.explain import raw_numel
-from tdbql.executor.hooks import HookSet
-from tdbql.executor.reduce import (
-    BatchMeta,
-    Block,
-    OverPromptsSink,
-    SelectSink,
-    TopKSink,
-    concat_rows,
-    lexsort,
-    take,
-)
-from tdbql.executor.scalars import (
+from .ablation import AblationSpec, ablation_means, add_ablations, needs_means
+from .arrow import logit_table, node_table
+from .runtime.batching import Batch, batches, check_pairs, encode_prompts, resolve_tokens
+from .compiled import CompiledPasses
+from .compiled import refusal as compiled_refusal
+from .explain import raw_numel
+from .runtime.hooks import HookSet
+from .reduce import BatchMeta, Block, OverPromptsSink, SelectSink, TopKSink, concat_rows, lexsort, take
+from .scalars import (
     ERROR_KINDS,
     HOME_KINDS,
     SAE_INPUT,
@@ -62,7 +53,7 @@ from tdbql.executor.scalars import (
     Weights,
     deriver,
 )
-from tdbql.query.plan import (
+from ..query.plan import (
     DEFAULT_COMPONENTS,
     NODE_FIELDS,
     Ablation,
@@ -71,10 +62,10 @@ from tdbql.query.plan import (
     Loss,
     NodeQuery,
     NodeRef,
-    PromptRow,
     Range,
-    TdbqlError,
 )
+from ..query.context import PromptRow
+from ..query.errors import TdbqlError
 
 # --- ordering of writes and reads along the residual stream --------------------------------------
 
@@ -260,7 +251,7 @@ class Engine:
         return per_batch * longest * (self.n_params + sae_params)
 
     def explain(self, query, prompts: Sequence[PromptRow], loss: Loss | None = None) -> str:
-        from tdbql.executor.explain import explain_plan
+        from .explain import explain_plan
 
         if isinstance(query, NodeQuery):
             plan = self.compile(query, prompts, loss)
@@ -577,7 +568,7 @@ class Engine:
     def _reduction_numel(self, plan: NodePlan | None, T: int) -> int:
         if plan is None:
             return 0
-        from tdbql.executor.explain import block_numel
+        from .explain import block_numel
 
         largest = max(block_numel(self, site, T) for site, _ in plan.sites)
         return largest * (len(plan.computed) + 1)
@@ -1169,7 +1160,7 @@ def _scalar_mask(where: Sequence[Condition], block: Block) -> torch.Tensor | Non
 
 
 def _group_order(rows: dict, by: Sequence[str]) -> torch.Tensor:
-    from tdbql.executor.reduce import group_ids
+    from .reduce import group_ids
 
     return group_ids(rows, tuple(by))
 

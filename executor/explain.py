@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import torch
 
-from tdbql.executor.compiled import refusal
-from tdbql.executor.hooks import location_shape
-from tdbql.executor.scalars import Raw
-from tdbql.query.plan import PromptRow
+from .compiled import refusal
+from .runtime.hooks import location_shape
+from .scalars import Raw
+from ..query.context import PromptRow
 
 
 def raw_numel(engine, raw: Raw, n_tokens: int) -> int:

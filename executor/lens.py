@@ -22,10 +22,12 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import torch
 
-from tdbql.executor.arrow import LOGIT_FIELDS, NODE_KEY_FIELDS, concat_tables
-from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, AddHooks, batch_hooks, batches, forward_no_grad
-from tdbql.executor.hooks import NO_HOOKS
-from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, PromptRow, Range, TdbqlError, UpvotedQuery
+from .arrow import LOGIT_FIELDS, NODE_KEY_FIELDS, concat_tables
+from .runtime.batching import DEFAULT_TOKEN_BUDGET, AddHooks, batch_hooks, batches, forward_no_grad
+from .runtime.hooks import NO_HOOKS
+from ..query.plan import Condition, LogitLensQuery, NodeRef, Range, UpvotedQuery
+from ..query.context import PromptRow
+from ..query.errors import TdbqlError
 
 # design §5: the logits table, plus the rank change against the previous residual location
 LENS_SCHEMA = pa.schema(LOGIT_FIELDS + [pa.field("rank_change", pa.int32())])

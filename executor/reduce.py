@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tdbql.executor.scalars import KIND_CODE, VECTOR_KINDS
+from .scalars import KIND_CODE, VECTOR_KINDS
 
 NULL = -(2**40)  # integer NULL sentinel in row tensors
 POS_OFFSET = 2**14  # positions (possibly negative: from the end) are shifted into [0, 2**15)

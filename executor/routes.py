@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-from tdbql.executor import contrib
-from tdbql.executor.arrow import concat_tables
-from tdbql.executor.batching import DEFAULT_TOKEN_BUDGET, batches, forward_no_grad
-from tdbql.executor.hooks import HookSet
-from tdbql.query.plan import PromptRow, RoutesQuery, TdbqlError
+from . import contrib
+from .arrow import concat_tables
+from .runtime.batching import DEFAULT_TOKEN_BUDGET, batches, forward_no_grad
+from .runtime.hooks import HookSet
+from ..query.context import PromptRow
+from ..query.plan import RoutesQuery
+from ..query.errors import TdbqlError
 
 EDGE_SCHEMA = pa.schema(
     [

@@ -16,9 +16,10 @@ from lark import Lark, Token
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 from lark.lexer import PatternStr
 
-from tdbql.grammar.split import CONTINUATION_WORDS, DSL_STATEMENT_STARTS, SQL_KEYWORDS, Chunk, line_col, split_statements
-from tdbql.grammar.transform import NameProblem, nearest, to_plan
-from tdbql.query.plan import Span, SqlStmt, Statement, TdbqlError
+from .split import CONTINUATION_WORDS, DSL_STATEMENT_STARTS, SQL_KEYWORDS, Chunk, line_col, split_statements
+from .transform import NameProblem, nearest, to_plan
+from ..query.plan import Span, SqlStmt, Statement
+from ..query.errors import TdbqlError
 
 __all__ = ["parse", "parse_one", "parser", "KEYWORDS", "SQL_KEYWORDS", "TOKEN_TYPES", "name_role", "tokens_before"]
 

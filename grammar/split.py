@@ -18,7 +18,8 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from tdbql.query.plan import SCALARS, TdbqlError
+from ..query.plan import SCALARS
+from ..query.errors import TdbqlError
 
 SQL_KEYWORDS: frozenset[str] = frozenset(
     """select with from create insert copy describe desc show drop pragma update delete alter

@@ -14,16 +14,8 @@ from dataclasses import dataclass
 
 from lark import Token, Transformer, Tree, v_args
 
-from tdbql.query import plan
-from tdbql.query.plan import (
-    Ablation,
-    Condition,
-    Loss,
-    NodeRef,
-    Range,
-    ScalarSpec,
-    Trace,
-)
+from ..query import plan
+from ..query.plan import Ablation, Condition, Loss, NodeRef, Range, ScalarSpec, Trace
 
 QUERY_COMPONENTS: tuple[str, ...] = ("mlp", "attn", "head", "sae", "mlp_sae", "attn_sae", "resid_sae", "embed")
 REF_COMPONENTS: tuple[str, ...] = ("mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae", "resid", "block")

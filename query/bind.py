@@ -18,7 +18,7 @@ import difflib
 import re
 from collections.abc import Callable, Collection, Sequence
 
-from tdbql.query.plan import (
+from .plan import (
     DEFAULT_COMPONENTS,
     NODE_FIELDS,
     Ablation,
@@ -27,7 +27,6 @@ from tdbql.query.plan import (
     LogitLensQuery,
     LogitsQuery,
     Loss,
-    ModelInfo,
     NodeQuery,
     NodeRef,
     PromptsFromSql,
@@ -36,10 +35,11 @@ from tdbql.query.plan import (
     Span,
     Statement,
     TargetStmt,
-    TdbqlError,
     Trace,
     UpvotedQuery,
 )
+from .context import ModelInfo
+from .errors import TdbqlError
 
 _LATENTS = ("mlp_sae", "attn_sae", "resid_sae")
 _RANKED = ("mlp", "attn", "head") + _LATENTS

@@ -285,9 +285,6 @@ Statement = Annotated[
 ]
 
 
-class Program(Node):
-    statements: tuple[Statement, ...]
-
 
 class Span(Node):
     """Where a statement came from: kept beside the IR (not in it) so equal plans hash equal."""
@@ -298,72 +295,3 @@ class Span(Node):
     end_column: int
     start_pos: int
     end_pos: int
-
-
-# --- what the binder needs to know about a loaded model -----------------------------------------
-
-
-class ModelInfo(Node):
-    """The shape of a loaded model, as the binder sees it (built by the executor)."""
-
-    name: str
-    arch: str
-    n_layers: int
-    n_heads: int
-    d_model: int
-    d_mlp: int
-    vocab_size: int
-    n_ctx: int
-    sae_latents: tuple[tuple[SaeSite, int, int], ...] = ()  # (site, layer, n_latents)
-
-
-class PromptRow(Node):
-    """One prompt as the executor receives it; target/distractor override the session loss."""
-
-    prompt_id: int
-    text: str
-    target: str | None = None
-    distractor: str | None = None
-
-
-# --- the one error type users see -------------------------------------------------------------
-
-
-class TdbqlError(Exception):
-    """A user-facing error: bad syntax, a name that does not bind, impossible work.
-
-    `str(err)` is the whole message a user sees: `line:col: message`, the source line with a
-    caret under the column, and `did you mean ...?` when a nearest valid name is known. The CLI
-    prefixes the file name. Raised by the parser, the binder, the session and the executor;
-    nothing else may reach a user unless --debug.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        line: int | None = None,
-        column: int | None = None,
-        source: str | None = None,
-        suggestion: str | None = None,
-    ) -> None:
-        self.message = message
-        self.line = line
-        self.column = column
-        self.source = source
-        self.suggestion = suggestion
-        super().__init__(self.render())
-
-    def render(self, filename: str | None = None) -> str:
-        where = ""
-        if self.line is not None:
-            where = f"{self.line}:{self.column or 1}: "
-        if filename:
-            where = f"{filename}:{where}" if where else f"{filename}: "
-        text = f"{where}{self.message}"
-        if self.suggestion:
-            text += f"; did you mean '{self.suggestion}'?"
-        if self.source is not None and self.line is not None:
-            src_line = self.source.splitlines()[self.line - 1] if self.source.splitlines() else ""
-            text += f"\n    {src_line}\n    {' ' * ((self.column or 1) - 1)}^"
-        return text

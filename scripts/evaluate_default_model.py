@@ -9,7 +9,7 @@ Usage: python scripts/evaluate_default_model.py [--model-dir DIR] [--transformer
   must be <= 50% of the mean loss on the first repeat.
 
 Prints the figures and exits non-zero when one misses its bar. The model runs through
-tdbql.executor.loading.load_model("default") when that works, else through transformers.
+tdbql.executor.runtime.loading.load_model("default") when that works, else through transformers.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def transformers_backend(model_dir: Path = MODEL_DIR) -> Backend:
 
 
 def tdbql_backend() -> Backend:
-    from tdbql.executor.loading import load_model
+    from tdbql.executor.runtime.loading import load_model
 
     loaded = load_model("default")
     loaded.model.eval()

@@ -134,7 +134,7 @@ def make_checkpoint(checkpoint_root):
 
 @pytest.fixture(scope="session")
 def tiny_model(make_checkpoint):
-    from tdbql.executor.loading import load_model
+    from tdbql.executor.runtime.loading import load_model
 
     def load(arch: str = "gpt2", seed: int = 0, **overrides):
         return load_model(str(make_checkpoint(arch, seed, **overrides)))

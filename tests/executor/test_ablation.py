@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tdbql.executor.engine import Engine
-from tdbql.executor.hooks import HookSet
+from tdbql.executor.runtime.hooks import HookSet
 from tdbql.query.plan import Ablation, Condition, LogitsQuery, NodeQuery, NodeRef, ScalarSpec
 
 from tests.executor.test_scalars import LOSS, Reference, engine_rows, prompts, random_sae

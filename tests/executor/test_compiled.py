@@ -8,8 +8,9 @@ import torch
 
 from tdbql.executor.compiled import refusal
 from tdbql.executor.engine import Engine
-from tdbql.query.plan import Ablation, NodeQuery, NodeRef, ScalarSpec, TdbqlError
-from tdbql.query.session import Session
+from tdbql.query.plan import Ablation, NodeQuery, NodeRef, ScalarSpec
+from tdbql.query.errors import TdbqlError
+from tdbql.shell.session import Session
 
 from tests.executor.test_scalars import (
     LOSS,
@@ -35,7 +36,7 @@ def unique_graphs() -> int:
 @pytest.fixture(scope="module")
 def compiled_gpt2(make_checkpoint):
     """A tiny GPT-2 and a compiling engine over it."""
-    from tdbql.executor.loading import load_model
+    from tdbql.executor.runtime.loading import load_model
 
     loaded = load_model(str(make_checkpoint("gpt2")))
     return loaded, Engine(loaded, batch_size=3, compile=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tdbql.executor import contrib
-from tdbql.query.plan import TdbqlError
+from tdbql.query.errors import TdbqlError
 
 EPS = 1e-5
 

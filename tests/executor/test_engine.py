@@ -8,17 +8,9 @@ import torch
 
 from tdbql.executor.engine import Engine
 from tdbql.executor.scalars import Raw
-from tdbql.query.plan import (
-    Condition,
-    LogitLensQuery,
-    NodeQuery,
-    NodeRef,
-    PromptRow,
-    RoutesQuery,
-    ScalarSpec,
-    TdbqlError,
-    Trace,
-)
+from tdbql.query.plan import Condition, LogitLensQuery, NodeQuery, NodeRef, RoutesQuery, ScalarSpec, Trace
+from tdbql.query.context import PromptRow
+from tdbql.query.errors import TdbqlError
 
 from tests.executor.test_scalars import LOSS, prompts
 
@@ -174,7 +166,7 @@ def test_weights_take_no_gradients(tiny_model):
 
 def test_contribution_scalar_comes_from_contrib_with_ablations(tiny_model):
     from tdbql.executor.contrib import contributions
-    from tdbql.executor.hooks import HookSet
+    from tdbql.executor.runtime.hooks import HookSet
     from tdbql.query.plan import Ablation
 
     loaded = tiny_model("gpt2")
@@ -227,7 +219,7 @@ def _measured_bytes(engine: Engine, plan, rows) -> int:
     RSS): the distinct storages autograd saves for the backward (weights excluded), the tensors and
     gradients the hooks capture, and the logits with their gradient. Every tensor is kept alive
     until the end so a freed address cannot be reused and counted twice."""
-    from tdbql.executor.batching import batches
+    from tdbql.executor.runtime.batching import batches
 
     weights = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
     alive: dict[int, torch.Tensor] = {}

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from tests.executor.conftest import load_hf
 
 from tdbql.executor import lens
-from tdbql.executor.hooks import HookSet
-from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, PromptRow, Range, TdbqlError, UpvotedQuery
+from tdbql.executor.runtime.hooks import HookSet
+from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, Range, UpvotedQuery
+from tdbql.query.context import PromptRow
+from tdbql.query.errors import TdbqlError
 
 PROMPTS = [
     PromptRow(prompt_id=0, text="When Mary and John went to the store, John gave"),
@@ -182,7 +184,7 @@ def test_upvoted_errors(tiny_model):
 
 
 def test_mlp_latent_upvoted_uses_the_decoder_row_in_the_residual_basis(tiny_model):
-    from tdbql.executor.autoencoder import Autoencoder
+    from tdbql.executor.runtime.autoencoder import Autoencoder
 
     loaded = tiny_model("gpt2")
     g = torch.Generator().manual_seed(3)

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from tdbql.executor import contrib, routes
-from tdbql.executor.hooks import HookSet
-from tdbql.query.plan import PromptRow, RoutesQuery, TdbqlError
+from tdbql.executor.runtime.hooks import HookSet
+from tdbql.query.context import PromptRow
+from tdbql.query.plan import RoutesQuery
+from tdbql.query.errors import TdbqlError
 
 EPS = 1e-5
 PROMPTS = [

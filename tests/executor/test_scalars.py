@@ -14,10 +14,11 @@ from collections import defaultdict
 import pytest
 import torch
 
-from tdbql.executor.autoencoder import Autoencoder
+from tdbql.executor.runtime.autoencoder import Autoencoder
 from tdbql.executor.engine import Engine
-from tdbql.executor.hooks import HookSet
-from tdbql.query.plan import Loss, NodeQuery, PromptRow, ScalarSpec
+from tdbql.executor.runtime.hooks import HookSet
+from tdbql.query.plan import Loss, NodeQuery, ScalarSpec
+from tdbql.query.context import PromptRow
 
 TEXTS = [
     "When Mary and John went to the store, John gave a drink to",

@@ -154,7 +154,7 @@ def test_in_edge_downstream_of_a_keyless_v_trace_is_the_whole_head_write(tiny_mo
 
 def test_trace_via_v_needs_a_loss_and_explain_counts_the_extra_backward(tiny_model):
     from tdbql.executor.engine import Engine
-    from tdbql.query.plan import TdbqlError
+    from tdbql.query.errors import TdbqlError
 
     loaded = tiny_model("gpt2")
     trace = Trace(node=NodeRef(component="attn", layer=1, index=2, token=-1), via="v")
@@ -231,7 +231,7 @@ def test_in_edge_upstream_by_gradient_downstream_by_jvp(tiny_model):
 
 def test_in_edge_needs_a_trace(tiny_model):
     from tdbql.executor.engine import Engine
-    from tdbql.query.plan import TdbqlError
+    from tdbql.query.errors import TdbqlError
 
     loaded = tiny_model("gpt2")
     with pytest.raises(TdbqlError, match="in_edge needs a traced node"):

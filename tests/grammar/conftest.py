@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from tests.grammar.lang_helpers import fake_tokenize, tiny_model_info
 
-from tdbql.query.plan import ModelInfo
+from tdbql.query.context import ModelInfo
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tdbql.query.plan import ModelInfo
+from tdbql.query.context import ModelInfo
 
 SINGLE_TOKEN_WORDS = frozenset({"Mary", "John", "Anna", "Bob", "Paris", "the"})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tdbql.grammar.parse import parse
-from tdbql.query.plan import TdbqlError
+from tdbql.query.errors import TdbqlError
 
 # (text, column, message, suggestion); all on line 1.
 BAD_LINES = [

@@ -7,6 +7,7 @@ import typing
 from tdbql.grammar import transform
 from tdbql.grammar.parse import KEYWORDS, TOKEN_TYPES, parse, parser
 from tdbql.query import plan
+from tdbql.query.errors import TdbqlError
 
 
 def literal_values(annotation) -> set[str]:
@@ -64,7 +65,7 @@ def test_a_failure_inside_the_transformer_becomes_a_tdbql_error(monkeypatch):
     monkeypatch.setattr(transform.ToPlan, "scalar", broken)
     try:
         parse("topk 5 act")
-    except plan.TdbqlError as err:
+    except TdbqlError as err:
         assert err.message == "invalid statement: boom" and (err.line, err.column) == (1, 1)
     else:
         raise AssertionError("expected TdbqlError")

@@ -11,7 +11,9 @@ from pydantic import TypeAdapter
 
 from tdbql.grammar.parse import parse
 from tdbql.query.bind import bind
-from tdbql.query.plan import ModelInfo, NodeQuery, SqlStmt, Statement, TdbqlError
+from tdbql.query.context import ModelInfo
+from tdbql.query.plan import NodeQuery, SqlStmt, Statement
+from tdbql.query.errors import TdbqlError
 
 SINGLE_TOKENS = {"Mary", "John", "Anna", "Paris"}
 

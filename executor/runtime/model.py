@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdbql.executor.hooks import NO_HOOKS, HookSet
-from tdbql.query.plan import TdbqlError
+from .hooks import NO_HOOKS, HookSet
+from ...query.errors import TdbqlError
 
 if TYPE_CHECKING:
-    from tdbql.executor.autoencoder import Autoencoder
+    from .autoencoder import Autoencoder
 
 SAE_SITES = ("mlp", "attn", "resid")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish")
@@ -494,7 +494,7 @@ def hook_alias(name: str) -> tuple[str, int | None]:
     Also accepts our own names: 'blocks.5.mlp.post', 'resid.embed', 'ln_f.scale', 'logits'.
     hook_embed and hook_pos_embed both map to resid.embed (their sum). Raises ValueError.
     """
-    from tdbql.executor.hooks import GLOBAL_LOCATIONS, LOCATIONS
+    from .hooks import GLOBAL_LOCATIONS, LOCATIONS
 
     if name in _TL_GLOBAL_HOOKS:
         return _TL_GLOBAL_HOOKS[name], None

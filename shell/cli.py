@@ -16,10 +16,10 @@ import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
 
-from tdbql.query.format import FORMATS, ProgressBar
-from tdbql.query.meta import ShellState, emit, run_script
-from tdbql.query.plan import TdbqlError
-from tdbql.query.session import Session, render_error
+from .format import FORMATS, ProgressBar
+from .meta import ShellState, emit, run_script
+from ..query.errors import TdbqlError
+from .session import Session, render_error
 
 COMMAND_SOURCE = "<command>"
 STDIN_SOURCE = "<stdin>"
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(err, args.debug)
     try:
         if interactive:
-            from tdbql.query.repl import run_repl
+            from .repl import run_repl
 
             return run_repl(session, mode=args.format, debug=args.debug)
         return run_scripts(session, _scripts(args), args)

@@ -26,12 +26,13 @@ from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.lexers import PygmentsLexer
 
-from tdbql.query.completion import complete
-from tdbql.query.format import ProgressBar
-from tdbql.query.lexer import TdbqlLexer
-from tdbql.query.meta import ShellState, emit, is_meta, run_script
-from tdbql.query.plan import SCALARS, TdbqlError
-from tdbql.query.session import Session, render_error
+from .completion import complete
+from .format import ProgressBar
+from .lexer import TdbqlLexer
+from .meta import ShellState, emit, is_meta, run_script
+from ..query.plan import SCALARS
+from ..query.errors import TdbqlError
+from .session import Session, render_error
 
 PROMPT = "tdbql> "
 CONTINUATION = "   ...> "
@@ -77,7 +78,7 @@ def should_submit(text: str, parses: Callable[[str], bool]) -> bool:
 
 def is_complete_tdbql(text: str) -> bool:
     """Whether `text` parses as tdbql statements only (SQL waits for its ';', as in pgcli)."""
-    from tdbql.grammar.parse import parse
+    from ..grammar.parse import parse
 
     try:
         statements = parse(text)

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tdbql.grammar.split import split_statements
-from tdbql.query.format import DEFAULT_MAX_ROWS, FORMATS, format_table, render_result
-from tdbql.query.plan import SCALARS, TdbqlError
-from tdbql.query.session import Session, describe_loss, describe_model, quote_ident, substitute_params
+from ..grammar.split import split_statements
+from .format import DEFAULT_MAX_ROWS, FORMATS, format_table, render_result
+from ..query.plan import SCALARS
+from ..query.errors import TdbqlError
+from .session import Session, describe_loss, describe_model, quote_ident, substitute_params
 
 SCALAR_HELP: dict[str, str] = {
     "act": "activation: MLP post-activation, attention probability, autoencoder latent",
@@ -374,7 +375,7 @@ def _models(state: ShellState, args: list[str]) -> str:
 
 def known_models() -> list[tuple[str, str]]:
     """Registry names the loader resolves to hub ids (loaded from the local cache or the hub)."""
-    from tdbql.executor.loading import REGISTRY_NAMES
+    from ..executor.runtime.loading import REGISTRY_NAMES
 
     return [(name, hub_id) for name, hub_id in sorted(REGISTRY_NAMES.items())]
 
@@ -405,7 +406,7 @@ def _prompts(state: ShellState, args: list[str]) -> str:
               "Draw a table (default _) to a PNG: attention, layers or bars.")
 def _plot(state: ShellState, args: list[str]) -> str:
     _refuse_files_when_safe(state, ".plot")
-    from tdbql.query.plot import plot_table
+    from .plot import plot_table
 
     options = _plot_options(args)
     name = options.get("table", "_")

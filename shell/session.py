@@ -23,15 +23,13 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from tdbql.query.plan import (
+from ..query.plan import (
     ExplainStmt,
     LogitLensQuery,
     LogitsQuery,
     Loss,
-    ModelInfo,
     ModelStmt,
     NodeQuery,
-    PromptRow,
     PromptsFromFile,
     PromptsFromSql,
     PromptStmt,
@@ -41,10 +39,11 @@ from tdbql.query.plan import (
     Span,
     SqlStmt,
     TargetStmt,
-    TdbqlError,
     UpvotedQuery,
 )
-from tdbql.query.prompts import prompt_rows, prompts_from_arrow, read_prompt_file, resolve_path
+from ..query.context import ModelInfo, PromptRow
+from ..query.errors import TdbqlError
+from .prompts import prompt_rows, prompts_from_arrow, read_prompt_file, resolve_path
 
 ProgressFn = Callable[[int, int], None]
 MODEL_QUERIES = (NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery)
@@ -190,7 +189,7 @@ class Session:
 
     def _load(self, name: str, *, dtype: str | None = None, device: str | None = None) -> None:
         """Load `name`; the settings change only once the model has loaded."""
-        from tdbql.executor.loading import load_model
+        from ..executor.runtime.loading import load_model
 
         dtype, device = dtype or self.settings.dtype, device or self.settings.device
         self._loaded = load_model(name, dtype=dtype, device=device)
@@ -213,7 +212,7 @@ class Session:
         A syntax error first runs the complete statements before it, then raises. Errors carry
         `source_name` (for `file:line:col`) and, when they have no position, the statement's.
         """
-        from tdbql.grammar.parse import parse
+        from ..grammar.parse import parse
 
         text = substitute_params(text, self.params)
         try:
@@ -256,7 +255,7 @@ class Session:
         return result
 
     def _bind(self, stmt, span: Span, text: str, source_name: str | None):
-        from tdbql.query.bind import bind
+        from ..query.bind import bind
 
         loaded = self.loaded
         return bind(stmt, span, info=loaded.info(), tokenize=loaded.encode, tables=self.table_names(),
@@ -381,7 +380,7 @@ class Session:
     def _engine(self):
         """The Engine for the current model, autoencoders and settings, reused across queries (it
         caches weight-derived tensors); rebuilt when any of them changes."""
-        from tdbql.executor.engine import Engine
+        from ..executor.engine import Engine
 
         loaded = self.loaded
         # the autoencoder objects themselves (not ids): holding them keeps their ids from being reused
@@ -498,7 +497,7 @@ def _offset(text: str, line: int, column: int) -> int:
 
 def _statement_start(text: str, offset: int) -> int:
     """Start of the statement holding `offset` (the start of its line if the text cannot be split)."""
-    from tdbql.grammar.split import split_statements
+    from ..grammar.split import split_statements
 
     try:
         chunks = split_statements(text)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tdbql.query.plan import TdbqlError
+from ..query.errors import TdbqlError
 
 PLOT_KINDS: tuple[str, ...] = ("attention", "layers", "bars")
 KEY_COLUMNS = frozenset(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tdbql.query.completion import complete
+from tdbql.shell.completion import complete
 
 TABLES = ["prompts", "tokens", "q1"]
 COLUMNS = ["layer", "act", "prompt_id"]

@@ -7,10 +7,12 @@ from collections import defaultdict
 
 import pytest
 
-from tdbql.executor.batching import batches
+from tdbql.executor.runtime.batching import batches
 from tdbql.executor.engine import Engine
 from tdbql.executor.reduce import TopKSink
-from tdbql.query.plan import Condition, NodeQuery, PromptRow, Range, ScalarSpec, TdbqlError
+from tdbql.query.plan import Condition, NodeQuery, Range, ScalarSpec
+from tdbql.query.context import PromptRow
+from tdbql.query.errors import TdbqlError
 
 from tests.executor.test_scalars import LOSS, prompts
 

@@ -12,8 +12,8 @@ from prompt_toolkit.document import Document
 
 from pygments.token import Comment, Keyword, Name, Number, String
 
-from tdbql.query.lexer import TdbqlLexer
-from tdbql.query.repl import (
+from tdbql.shell.lexer import TdbqlLexer
+from tdbql.shell.repl import (
     TdbqlCompleter,
     history_path,
     is_complete_tdbql,
@@ -177,7 +177,7 @@ def test_lexer_keywords_come_from_the_grammar():
 
 
 def test_toolbar_names_model_device_compile_prompts_and_db():
-    from tdbql.query.session import Session
+    from tdbql.shell.session import Session
 
     session = Session(model="default")
     assert toolbar_text(session) == " model: default (not loaded) | device: cpu | prompts: 0 | db: memory | .help "

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tdbql.executor.hooks import HookSet
-from tdbql.query.plan import PromptRow, TdbqlError
+from .hooks import HookSet
+from ...query.context import PromptRow
+from ...query.errors import TdbqlError
 
 DEFAULT_TOKEN_BUDGET = 4096  # padded tokens per batch for the passes that split by tokens
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tdbql.query.meta import ShellState, run_script
-from tdbql.query.session import Session
+from tdbql.shell.meta import ShellState, run_script
+from tdbql.shell.session import Session
 
 TUTORIAL = Path(__file__).resolve().parents[2] / "docs" / "tutorial.md"
 BLOCK = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.S | re.M)
@@ -30,7 +30,7 @@ def tutorial_blocks() -> list[tuple[str, str, str]]:
 
 @pytest.fixture
 def model_name(tiny_model_dir) -> str:
-    from tdbql.executor.loading import DEFAULT_MODEL_DIR
+    from tdbql.executor.runtime.loading import DEFAULT_MODEL_DIR
 
     return "default" if (DEFAULT_MODEL_DIR / "config.json").exists() else str(tiny_model_dir)
 

@@ -29,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tdbql.executor.model import hook_alias
-from tdbql.query.plan import TdbqlError
+from .model import hook_alias
+from ...query.errors import TdbqlError
 
 ACTIVATIONS = ("relu", "topk", "jumprelu")
 SAELENS_WEIGHTS = "sae_weights.safetensors"

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tdbql.query.plan import PromptRow, TdbqlError
+from ..query.context import PromptRow
+from ..query.errors import TdbqlError
 
 PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt")
 TEXT_COLUMNS: tuple[str, ...] = ("prompt", "text")

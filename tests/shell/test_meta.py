@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tdbql.query.meta import REGISTRY, ShellState, emit, is_meta, run_meta, run_script, script_parts
-from tdbql.query.plan import SCALARS, PromptRow, TdbqlError
-from tdbql.query.session import Session, render_error
+from tdbql.shell.meta import REGISTRY, ShellState, emit, is_meta, run_meta, run_script, script_parts
+from tdbql.query.plan import SCALARS
+from tdbql.query.context import PromptRow
+from tdbql.query.errors import TdbqlError
+from tdbql.shell.session import Session, render_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -222,8 +224,8 @@ def test_param_used_before_it_is_set_is_an_error(state):
 def test_emit_pages_long_output_and_writes_output_files(monkeypatch, tmp_path, capsys):
     from types import SimpleNamespace
 
-    import tdbql.query.meta as meta
-    from tdbql.query.meta import ShellState
+    import tdbql.shell.meta as meta
+    from tdbql.shell.meta import ShellState
 
     paged = []
     monkeypatch.setattr(meta.pydoc, "pager", paged.append)

@@ -46,12 +46,13 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from tdbql.executor.autoencoder import Autoencoder, load_autoencoders
-from tdbql.executor.model import ModelConfig, Transformer
-from tdbql.query.plan import ModelInfo, TdbqlError
+from .autoencoder import Autoencoder, load_autoencoders
+from .model import ModelConfig, Transformer
+from ...query.context import ModelInfo
+from ...query.errors import TdbqlError
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-DEFAULT_SAE_DIRS = (Path(__file__).parent / "default_saes", DEFAULT_MODEL_DIR / "saes")
+DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default_model"
+DEFAULT_SAE_DIRS = (Path(__file__).parents[1] / "default_saes", DEFAULT_MODEL_DIR / "saes")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -9,7 +9,7 @@ import sys
 import duckdb
 import pytest
 
-from tdbql.query.cli import main
+from tdbql.shell.cli import main
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 
@@ -116,7 +116,7 @@ def test_safe_flag_blocks_file_reads(tmp_path, capsys):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tdbql.query.cli", "-c", "select 1 as one;", "--format", "csv"],
+    proc = subprocess.run([sys.executable, "-m", "tdbql.shell.cli", "-c", "select 1 as one;", "--format", "csv"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout == "one\n1\n"
 

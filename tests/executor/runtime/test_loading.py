@@ -9,10 +9,11 @@ import pytest
 import torch
 from tests.executor.conftest import hf_config
 
-from tdbql.executor import loading
-from tdbql.executor.autoencoder import Autoencoder, save_saelens
-from tdbql.executor.loading import config_from_hf, load_model
-from tdbql.query.plan import ModelInfo, TdbqlError
+from tdbql.executor.runtime import loading
+from tdbql.executor.runtime.autoencoder import Autoencoder, save_saelens
+from tdbql.executor.runtime.loading import config_from_hf, load_model
+from tdbql.query.context import ModelInfo
+from tdbql.query.errors import TdbqlError
 
 TEXT = "When Mary and John went to the store"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tests.executor.conftest import load_hf
 
-from tdbql.executor.hooks import GLOBAL_LOCATIONS, LOCATIONS, HookSet
-from tdbql.executor.model import hook_alias
+from tdbql.executor.runtime.hooks import GLOBAL_LOCATIONS, LOCATIONS, HookSet
+from tdbql.executor.runtime.model import hook_alias
 
 ARCHS = ["gpt2", "neox", "neox_serial", "llama", "llama_linear", "mistral", "qwen2"]
 PROMPTS = ["When Mary and John went to the store, John gave", "The cat sat", "one two three four five six seven"]
@@ -293,7 +293,7 @@ def test_forward_mode_jvp_works_and_matches_finite_differences(arch, tiny_model)
 
 
 def test_prompt_longer_than_learned_positions_is_a_clean_error(tiny_model):
-    from tdbql.query.plan import TdbqlError
+    from tdbql.query.errors import TdbqlError
 
     loaded = tiny_model("gpt2")
     with pytest.raises(TdbqlError, match="exceed the model's context of 64"):

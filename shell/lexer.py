@@ -13,8 +13,8 @@ from pygments.lexer import RegexLexer, words
 from pygments.lexers._postgres_builtins import KEYWORDS as SQL_KEYWORDS
 from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation, String, Text, Whitespace
 
-from tdbql.grammar.parse import KEYWORDS as DSL_KEYWORDS
-from tdbql.query.plan import NODE_COMPONENTS, SCALARS
+from ..grammar.parse import KEYWORDS as DSL_KEYWORDS
+from ..query.plan import NODE_COMPONENTS, SCALARS
 
 NODE_WORDS = tuple(sorted(set(NODE_COMPONENTS) | {"sae", "resid", "block"}, key=len, reverse=True))
 DSL_WORDS = tuple(sorted({k.lower() for k in DSL_KEYWORDS} - set(SCALARS), key=len, reverse=True))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tdbql.executor
-from tdbql.executor.loading import load_model
+from tdbql.executor.runtime.loading import load_model
 
 DEFAULT_FOLDER = Path(tdbql.executor.__file__).parent / "default_model"
 PROMPTS = [

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 
 from lark.exceptions import LarkError
 
-from tdbql.grammar.parse import LITERALS, name_role, parser, tokens_before
-from tdbql.grammar.split import DSL_QUERY_STARTS, DSL_STATEMENT_STARTS, SQL_KEYWORDS, split_statements
-from tdbql.grammar.transform import (
+from ..grammar.parse import LITERALS, name_role, parser, tokens_before
+from ..grammar.split import DSL_QUERY_STARTS, DSL_STATEMENT_STARTS, SQL_KEYWORDS, split_statements
+from ..grammar.transform import (
     DTYPES,
     QUERY_COMPONENTS,
     REDUCTIONS,
@@ -24,7 +24,8 @@ from tdbql.grammar.transform import (
     SAE_SITES,
     TRACE_PATHS,
 )
-from tdbql.query.plan import GROUP_KEYS, NODE_FIELDS, SCALARS, TdbqlError
+from ..query.plan import GROUP_KEYS, NODE_FIELDS, SCALARS
+from ..query.errors import TdbqlError
 
 _PARTIAL = re.compile(r"[A-Za-z0-9_]*$")
 _SQL_TABLE_CONTEXT = frozenset({"from", "join", "into", "table", "update", "describe", "summarize"})

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from tdbql.query.format import FORMATS, ProgressBar, format_cell, format_table, render_result
+from tdbql.shell.format import FORMATS, ProgressBar, format_cell, format_table, render_result
 from tdbql.query.plan import Span
-from tdbql.query.session import StatementResult
+from tdbql.shell.session import StatementResult
 
 
 def node_table(n: int = 5) -> pa.Table:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tdbql.executor.autoencoder import (
+from tdbql.executor.runtime.autoencoder import (
     Autoencoder,
     load_autoencoder,
     load_autoencoders,
@@ -16,8 +16,8 @@ from tdbql.executor.autoencoder import (
     save_tdb,
     site_from_hook_name,
 )
-from tdbql.executor.hooks import HookSet
-from tdbql.query.plan import TdbqlError
+from tdbql.executor.runtime.hooks import HookSet
+from tdbql.query.errors import TdbqlError
 
 TEXT = "When Mary and John went to the store, John gave"
 N_LATENTS = 24
