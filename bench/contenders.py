@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from tdbql.executor.runtime.loading import TORCH_DTYPES
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".data" / "bench"
 TARGET, DISTRACTOR = 100, 200  # token ids of the loss: logit(t100) - logit(t200)
@@ -237,7 +239,6 @@ class TopK:
 
 # --- contenders --------------------------------------------------------------------------------------
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class FrozenScaleLayerNorm(torch.nn.Module):
@@ -257,7 +258,7 @@ class FrozenScaleLayerNorm(torch.nn.Module):
 def load_hf(folder: Path, dtype: str, device: str):
     import transformers as tf
 
-    model = tf.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager", dtype=DTYPES[dtype])
+    model = tf.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager", dtype=TORCH_DTYPES[dtype])
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -315,7 +316,7 @@ class TransformerLensBridge:
         hf = load_hf(folder, dtype, device)
         tokenizer = tf.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
         self.bridge = TransformerBridge.boot_transformers(
-            str(folder), hf_model=hf, tokenizer=tokenizer, device=device, dtype=DTYPES[dtype])
+            str(folder), hf_model=hf, tokenizer=tokenizer, device=device, dtype=TORCH_DTYPES[dtype])
         for p in self.bridge.parameters():
             p.requires_grad_(False)
         self.n_layers = self.bridge.cfg.n_layers
@@ -388,11 +389,13 @@ class Tdbql:
 
     def table(self, prompts: PromptSet, w: Workload):
         from tdbql.executor.engine import Engine
+        from tdbql.query.bind import bind_query
         from tdbql.query.context import PromptRow
 
         rows = [PromptRow(prompt_id=i, text=text) for i, text in enumerate(prompts.texts)]
         engine = Engine(self.loaded, batch_size=w.batch_size, compile=self.compile)
-        return engine.run(self.statement(w.query()), rows, self.loss())["result"]
+        bound = bind_query(self.statement(w.query()), None, session_loss=self.loss(), prompts_have_targets=False)
+        return engine.run(bound, rows)["result"]
 
 
 class TdbqlCompiled(Tdbql):

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .runtime.batching import Batch, batches, resolve_tokens
-from .runtime.hooks import HookSet
+from ..query.catalog import COMPONENTS
 from ..query.context import PromptRow
+from ..query.plan import Ablation
+from .runtime.batching import AddHooks, Batch, batches, resolve_tokens
+from .runtime.hooks import HookSet
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,27 @@ class AblationSpec:
     key: int | None
     value: float | str
     heads: bool  # attention probabilities (batch, head, token, key)
+
+
+def ablation_spec(ablation: Ablation) -> AblationSpec:
+    """The hook that carries out a bound `ablate` clause: a neuron's mlp.post, a head's attention
+    probabilities, a latent of the autoencoder spliced in at its site."""
+    node = ablation.node
+    if node.component == "mlp":
+        return AblationSpec("mlp.post", node.layer, node.index, node.token, None, ablation.value, False)
+    if node.component == "attn":
+        return AblationSpec("attn.probs", node.layer, node.index, node.token, node.key, ablation.value, True)
+    site = COMPONENTS[node.component].site
+    return AblationSpec(f"sae.{site}.latent", node.layer, node.index, node.token, None, ablation.value, False)
+
+
+def ablation_hooks(ablations: Sequence[AblationSpec], means: dict) -> AddHooks:
+    """`add_hooks(hooks, batch)` for passes that take other hooks first (lens, contributions)."""
+
+    def add(hooks: HookSet, batch: Batch) -> None:
+        add_ablations(hooks, ablations, batch, means)
+
+    return add
 
 
 def needs_means(ablations: Sequence[AblationSpec]) -> bool:
@@ -172,4 +195,4 @@ def _pad_to_same(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return pad(a), pad(b)
 
 
-__all__ = ["AblationSpec", "ablation_means", "add_ablations", "needs_means"]
+__all__ = ["AblationSpec", "ablation_hooks", "ablation_means", "ablation_spec", "add_ablations", "needs_means"]

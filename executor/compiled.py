@@ -11,8 +11,8 @@ differentiated, whether ln_f's scale is frozen); torch.compile keeps one graph p
 (`dynamic=False`), so repeating a query on the same prompts, or another query that reads the same
 locations, reuses the graph. The first call at a new shape compiles (seconds).
 
-Only plain plans take this path: no ablation, no traced node, no forward-mode (JVP) pass.
-Everything else runs eagerly; `explain` says which path a query takes.
+Only plain plans take this path: no ablation, no traced node, no forward-mode (JVP) pass, no
+contribution capture. Everything else runs eagerly; `explain` says which path a query takes.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..query.errors import TdbqlError
+from .physical import NodePlan
 from .runtime.batching import Batch
 from .runtime.hooks import HookSet, location_shape
 from .runtime.model import upcast
-from .scalars import Raw
-from ..query.errors import TdbqlError
+from .scalars import CONTRIBUTION_LOCATIONS, Raw
 
 Location = tuple[str, "int | None"]
 
@@ -40,14 +41,14 @@ class Signature:
     freeze_ln_f: bool
 
 
-def signature(plan) -> Signature:
+def signature(plan: NodePlan) -> Signature:
     def locations(passes: set[str]) -> tuple[Location, ...]:
         return tuple(sorted({(r.location, r.layer) for r in plan.raws if r.pass_ in passes}, key=_location_key))
 
     return Signature(locations({"fwd", "bwd"}), locations({"bwd"}), plan.freeze_ln_f and plan.needs_backward)
 
 
-def refusal(plan) -> str | None:
+def refusal(plan: NodePlan) -> str | None:
     """Why `plan` cannot run compiled (None: it can)."""
     if plan.ablations:
         return "ablation"
@@ -55,17 +56,22 @@ def refusal(plan) -> str | None:
         return "trace"
     if plan.needs_jvp:
         return "forward-mode pass"
+    if any(r.location in CONTRIBUTION_LOCATIONS for r in plan.raws):
+        return "contribution capture"
     return None
 
 
 class CompiledPasses:
     """Compiled forward functions per signature, and the probe trick around them."""
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    def __init__(self, loaded) -> None:
+        self.loaded = loaded
         self._compiled: dict[Signature, Callable] = {}
 
-    def run(self, plan, batch: Batch, objective: Callable, store) -> None:
+    def takes(self, plan: NodePlan) -> bool:
+        return refusal(plan) is None
+
+    def run(self, plan: NodePlan, batch: Batch, objective: Callable, store) -> None:
         """One forward (and backward) of `batch`; fills `store` (the engine's RawStore) as the eager
         path does. `objective(last_logits, store)` is what the backward differentiates."""
         sig = signature(plan)
@@ -94,15 +100,15 @@ class CompiledPasses:
 
     def _probe(self, location: Location, batch: Batch) -> torch.Tensor:
         B, T = batch.input_ids.shape
-        shape = location_shape(*location, self.engine.cfg, self.engine.loaded.saes, n_tokens=T, n_prompts=B)
-        p = next(self.engine.model.parameters())
+        shape = location_shape(*location, self.loaded.config, self.loaded.saes, n_tokens=T, n_prompts=B)
+        p = next(self.loaded.model.parameters())
         dtype = p.dtype
         if location[0].endswith(".scale"):  # layer norms keep their scale in float32 for half models
             dtype = upcast(torch.empty(0, dtype=dtype)).dtype
         return torch.zeros(shape, device=p.device, dtype=dtype, requires_grad=True)
 
     def _forward_fn(self, sig: Signature):
-        model = self.engine.model
+        model = self.loaded.model
 
         def forward(input_ids, attention_mask, padded: bool, probes: list[torch.Tensor], logit_positions):
             values: dict[Location, torch.Tensor] = {}

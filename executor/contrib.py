@@ -2,7 +2,7 @@
 
 For a whole vector y (a residual state after a block) and parts P_i that sum to it, the
 proximity of a part is d_i = max(||y||_p - ||P_i - y||_p, EPS) and its contribution is
-c_i = d_i / sum_j d_j, normalised jointly over every part (`reference/llmtt.md` §1).
+c_i = d_i / sum_j d_j, normalised jointly over every part (docs/routes.md).
 
 - attention at query t: one part per (key u, head h), A_h[t,u] * v[u,h] @ W_O[h] (v with its
   bias), plus the incoming residual resid_pre[t]; whole = resid_mid[t]. Keys after t are zero
@@ -15,9 +15,10 @@ s[q,j] * rows[j], so the L1 distances are computed in tiles (query block x row b
 rows a query can see (keys u <= t); the L2 variant needs no d-sized tile at all:
 ||s r - y||^2 = s^2 ||r||^2 - 2 s <r, y> + ||y||^2 (one matmul, accumulated in float64).
 
-The first part of this module is pure tensor functions (testable without a model); the end
-runs a loaded model with capture hooks, one layer at a time, and returns Arrow rows for the
-`contribution` scalar.
+The first part of this module is pure tensor functions (testable without a model); then
+`ContributionCapture`, hooks that compute a layer's shares inside any forward pass (the engine's
+node pass for the `contribution` scalar, the routes pass); the end runs a loaded model on its own
+and returns Arrow rows (`contributions`, for direct use and the LLM-TT parity tests).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from .arrow import NODE_KEY_FIELDS
-from .runtime.batching import DEFAULT_TOKEN_BUDGET, AddHooks, Batch, batch_hooks, batches, forward_no_grad
-from .runtime.hooks import HookSet
 from ..query.context import PromptRow
 from ..query.errors import TdbqlError
+from .arrow import CONTRIBUTION_SCHEMA, concat_tables, floats, ints, repeat
+from .keys import keys_up_to
+from .runtime.batching import DEFAULT_TOKEN_BUDGET, AddHooks, Batch, batch_hooks, batches, forward_no_grad
+from .runtime.hooks import HookSet
 
 EPS = 1e-5  # LLM-TT's floor on proximities: even a zero part keeps a tiny share
 DEFAULT_TILE_ELEMENTS = 1 << 21  # elements of one (query block x row block x d_model) L1 tile
@@ -345,9 +347,6 @@ def run_capture(
     forward_no_grad(loaded, batch, hooks)
 
 
-CONTRIBUTION_SCHEMA = pa.schema(NODE_KEY_FIELDS + [pa.field("contribution", pa.float64())])
-
-
 def contributions(
     loaded,
     prompts: Sequence[PromptRow],
@@ -375,7 +374,7 @@ def contributions(
     unknown = set(components) - known
     if unknown:
         raise TdbqlError(f"contribution is not defined for {', '.join(sorted(unknown))}; it covers {', '.join(sorted(known))}")
-    n_layers = loaded.info().n_layers
+    n_layers = loaded.config.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     builder = _RowBuilder()
     for batch in batches(loaded, prompts, token_budget=token_budget):
@@ -410,8 +409,7 @@ class _RowBuilder:
             if "attn" in components:
                 self._attn_rows(prompt_id, res.layer, q, res.attn)
             if "head" in components:
-                causal = torch.arange(res.attn.shape[1], device=res.attn.device)[None, :] <= res.queries[:, None]
-                heads = (res.attn * causal[..., None]).sum(1)  # [Q, H], keys u <= t
+                heads = (res.attn * keys_up_to(res.queries, res.attn.shape[1])[..., None]).sum(1)  # [Q, H], u <= t
                 t, h = _grid(q, heads.shape[1])
                 self._emit(prompt_id, res.layer, "head", h, t, None, heads.reshape(-1))
             if "attn_resid" in components:
@@ -438,27 +436,24 @@ class _RowBuilder:
         self._emit(prompt_id, layer, "attn", h[causal], t[causal], u[causal], c_attn.cpu()[causal])
 
     def _emit(self, prompt_id, layer, component, unit, position, attended, values) -> None:
-        values = values.detach().cpu().double().numpy()
         n = len(values)
         self.chunks.append(
             pa.table(
                 {
-                    "prompt_id": pa.array([prompt_id] * n, pa.int64()),
-                    "layer": pa.array([layer] * n, pa.int64()),
-                    "component": pa.array([component] * n, pa.string()),
-                    "unit": _int_column(unit, n),
-                    "position": _int_column(position, n),
-                    "attended": _int_column(attended, n),
-                    "contribution": pa.array(values, pa.float64()),
+                    "prompt_id": repeat(prompt_id, n, "prompt_id"),
+                    "layer": repeat(layer, n, "layer"),
+                    "component": repeat(component, n, "component"),
+                    "unit": ints(unit, n),
+                    "position": ints(position, n),
+                    "attended": ints(attended, n),
+                    "contribution": floats(values),
                 },
                 schema=CONTRIBUTION_SCHEMA,
             )
         )
 
     def table(self) -> pa.Table:
-        if not self.chunks:
-            return CONTRIBUTION_SCHEMA.empty_table()
-        return pa.concat_tables(self.chunks).combine_chunks()
+        return concat_tables(self.chunks, CONTRIBUTION_SCHEMA)
 
 
 def _grid(queries: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,8 +462,3 @@ def _grid(queries: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor
     i = torch.arange(width)[None, :].expand(len(queries), width).reshape(-1)
     return t, i
 
-
-def _int_column(values: torch.Tensor | None, n: int) -> pa.Array:
-    if values is None:
-        return pa.nulls(n, pa.int64())
-    return pa.array(values.detach().cpu().numpy().astype("int64"), pa.int64())

@@ -7,7 +7,7 @@ layer), with their rank change against the residual state just before x in the s
 Ranks are 1-based over the whole vocabulary; rank_change = previous rank - rank (positive: rose).
 
 upvoted: a node's write w to the residual stream scored as w @ (W_U * gamma_f) minus the mean
-over the vocabulary (TDB §3 "scored tokens"; gamma_f = the final norm's weight, no bias).
+over the vocabulary (TDB's "scored tokens", docs/scalars.md; gamma_f = the final norm's weight, no bias).
 Nodes: a neuron mlp[L,N] (activation-scaled write, or the raw W_out row with `raw`), a head
 attn[L,H] (its output at the token, or one key's share with @t:u; `raw` with a key: v[u] W_O[h]
 without the attention weight), an autoencoder latent (z * decoder row, or the raw row), and
@@ -22,67 +22,14 @@ from collections.abc import Callable, Sequence
 import pyarrow as pa
 import torch
 
-from .arrow import LOGIT_FIELDS, NODE_KEY_FIELDS, concat_tables
-from .runtime.batching import DEFAULT_TOKEN_BUDGET, AddHooks, batch_hooks, batches, forward_no_grad
-from .runtime.hooks import NO_HOOKS
-from ..query.plan import Condition, LogitLensQuery, NodeRef, Range, UpvotedQuery
+from ..query.catalog import COMPONENTS
 from ..query.context import PromptRow
 from ..query.errors import TdbqlError
-
-# design §5: the logits table, plus the rank change against the previous residual location
-LENS_SCHEMA = pa.schema(LOGIT_FIELDS + [pa.field("rank_change", pa.int32())])
-UPVOTED_SCHEMA = pa.schema(
-    NODE_KEY_FIELDS
-    + [pa.field("vocab_id", pa.int64()), pa.field("token", pa.string()), pa.field("score", pa.float64()),
-       pa.field("rank", pa.int64())]
-)
-LENS_FIELDS = ("layer", "token", "prompt")
-
-
-# --- where clauses on layer / token / prompt -----------------------------------------------------
-
-
-def _resolve(value: int, n: int | None) -> int:
-    """Negative token values count from the end of the prompt."""
-    return value + n if (n is not None and value < 0) else value
-
-
-def condition_mask(cond: Condition, values: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """Bool mask of `values` satisfying `cond` (token values resolved against length n)."""
-    v = cond.value
-    if cond.op == "in":
-        if isinstance(v, Range):
-            return (values >= _resolve(v.lo, n)) & (values <= _resolve(v.hi, n))
-        if isinstance(v, tuple):
-            return torch.isin(values, torch.tensor([_resolve(x, n) for x in v], dtype=values.dtype))
-        raise TdbqlError(f"'{cond.field} in' needs a range or a list, not {v!r}")
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TdbqlError(f"{cond.field} {cond.op} needs an integer, not {v!r}")
-    target = _resolve(v, n)
-    ops: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "=": lambda x: x == target,
-        "!=": lambda x: x != target,
-        "<": lambda x: x < target,
-        "<=": lambda x: x <= target,
-        ">": lambda x: x > target,
-        ">=": lambda x: x >= target,
-    }
-    return ops[cond.op](values)
-
-
-def _filter(conds: Sequence[Condition], name: str, values: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    keep = torch.ones(len(values), dtype=torch.bool)
-    for cond in conds:
-        if cond.field == name:
-            keep &= condition_mask(cond, values, n)
-    return values[keep]
-
-
-def _check_fields(conds: Sequence[Condition], allowed: Sequence[str], what: str) -> None:
-    for cond in conds:
-        if cond.field not in allowed:
-            raise TdbqlError(f"{what} can be filtered by {', '.join(allowed)}, not {cond.field!r}")
-
+from ..query.plan import LogitLensQuery, NodeRef, UpvotedQuery
+from .arrow import LENS_SCHEMA, UPVOTED_SCHEMA, concat_tables, floats, ints, repeat, token_strings
+from .conditions import ids_kept, positions_kept
+from .runtime.batching import DEFAULT_TOKEN_BUDGET, AddHooks, batch_hooks, batches, forward_no_grad
+from .runtime.hooks import NO_HOOKS
 
 # --- unembedding helpers --------------------------------------------------------------------------
 
@@ -127,22 +74,17 @@ def logit_lens(
     *,
     add_hooks: AddHooks | None = None,
 ) -> pa.Table:
-    """Top-k lens rows per (prompt, position, layer) at `query.at`; add_hooks applies ablations."""
-    _check_fields(query.where, LENS_FIELDS, "logit_lens")
-    if query.ablations and add_hooks is None:
-        raise TdbqlError("logit_lens with ablations must be run by the engine (it installs the ablation hooks)")
-    if query.k < 1:
-        raise TdbqlError(f"logit_lens topk must be at least 1, not {query.k}")
-    n_layers = loaded.info().n_layers
-    layers = _filter(query.where, "layer", torch.arange(n_layers)).tolist()
-    prompt_ids = set(_filter(query.where, "prompt", torch.tensor([p.prompt_id for p in prompts], dtype=torch.long)).tolist())
+    """Top-k lens rows per (prompt, position, layer) at `query.at` of a bound query; `add_hooks`
+    installs the query's ablations (the engine passes them)."""
+    layers = ids_kept(query.where, "layer", torch.arange(loaded.config.n_layers)).tolist()
+    prompt_ids = set(ids_kept(query.where, "prompt", torch.tensor([p.prompt_id for p in prompts])).tolist())
     chosen = [p for p in prompts if p.prompt_id in prompt_ids]
     parts: list[pa.Table] = []
-    k = min(query.k, loaded.info().vocab_size)
+    k = min(query.k, loaded.config.vocab_size)
     for batch in batches(loaded, chosen, token_budget=DEFAULT_TOKEN_BUDGET):
         states = _capture_residuals(loaded, batch, layers, query.at, add_hooks)
         for row, n in enumerate(batch.lengths.tolist()):
-            positions = _filter(query.where, "token", torch.arange(n), n)
+            positions = positions_kept(query.where, "token", n)
             if len(positions) == 0:
                 continue
             for layer in layers:
@@ -195,18 +137,18 @@ def _lens_rows(loaded, batch, row, layer, positions, states, query: LogitLensQue
         prev_logits = unembed(model, states[prev_key][row, positions], use_ln_f=query.use_ln_f)
         change = (ranks_of(prev_logits, top_ids) - ranks).reshape(-1)
     n_rows = top_ids.numel()
-    ids = top_ids.reshape(-1).tolist()
+    ids = top_ids.reshape(-1)
     return pa.table(
         {
-            "prompt_id": pa.array([batch.prompt_id(row)] * n_rows, pa.int64()),
-            "position": pa.array(positions[:, None].expand(-1, k).reshape(-1).numpy(), pa.int32()),
-            "layer": pa.array([layer] * n_rows, pa.int32()),
-            "vocab_id": pa.array(ids, pa.int64()),
-            "token": pa.array([loaded.token_str(i) for i in ids], pa.string()),
-            "logit": pa.array(top_logits.reshape(-1).double().cpu().numpy()),
-            "prob": pa.array(probs.reshape(-1).double().cpu().numpy()),
-            "rank": pa.array(ranks.reshape(-1).cpu().numpy(), pa.int32()),
-            "rank_change": pa.nulls(n_rows, pa.int32()) if change is None else pa.array(change.cpu().numpy(), pa.int32()),
+            "prompt_id": repeat(batch.prompt_id(row), n_rows, "prompt_id"),
+            "position": ints(positions[:, None].expand(-1, k).reshape(-1)),
+            "layer": repeat(layer, n_rows, "layer"),
+            "vocab_id": ints(ids),
+            "token": token_strings(ids, loaded.token_str),
+            "logit": floats(top_logits.reshape(-1)),
+            "prob": floats(probs.reshape(-1)),
+            "rank": ints(ranks.reshape(-1)),
+            "rank_change": ints(change, n_rows),
         },
         schema=LENS_SCHEMA,
     )
@@ -227,10 +169,7 @@ def upvoted(
     A raw neuron or latent row does not depend on the prompt: one set of rows, prompt_id and
     position NULL."""
     node = query.node
-    _check_node(loaded, node, query.raw)
-    k = min(query.k, loaded.info().vocab_size)
-    if k < 1:
-        raise TdbqlError(f"upvoted topk must be at least 1, not {query.k}")
+    k = min(query.k, loaded.config.vocab_size)
     if query.raw and node.component != "attn":
         writes = _raw_write(loaded, node)[None]  # [1, d]
         return _upvoted_rows(loaded, query, None, None, None, writes, k)
@@ -263,37 +202,10 @@ def _key_position(key: int, query_position: int, n: int, prompt_id: int) -> int:
     return position
 
 
-def _check_node(loaded, node: NodeRef, raw: bool) -> None:
-    info = loaded.info()
-    if not 0 <= node.layer < info.n_layers:
-        raise TdbqlError(f"layer {node.layer} does not exist; the model has layers 0..{info.n_layers - 1}")
-    if node.component == "resid":
-        raise TdbqlError(
-            "upvoted takes mlp[L,N], attn[L,H], sae[L,I] or a whole block (mlp[L], attn[L], block[L]); "
-            "use logit_lens for resid[L]"
-        )
-    if node.key is not None and (node.component != "attn" or node.token is None):
-        raise TdbqlError("a key token (@t:u) needs a head and a query token: attn[L,H]@t:u")
-    if raw and (node.index is None or node.component == "block"):
-        raise TdbqlError("raw needs a single neuron, latent or head, not a whole block")
-    if raw and node.component == "attn" and node.key is None:
-        raise TdbqlError("raw for a head needs a key (attn[L,H]@t:u): its raw write is v[u] W_O[h]")
-    limits = {"mlp": info.d_mlp, "attn": info.n_heads}
-    if node.component in limits and node.index is not None and not 0 <= node.index < limits[node.component]:
-        raise TdbqlError(f"{node.component} index {node.index} is out of range 0..{limits[node.component] - 1}")
-    if node.component.endswith("_sae"):
-        site = node.component.removesuffix("_sae")
-        if (site, node.layer) not in loaded.saes:
-            raise TdbqlError(f"no {site} autoencoder is loaded at layer {node.layer}")
-        n_latents = loaded.saes[(site, node.layer)].n_latents
-        if node.index is None or not 0 <= node.index < n_latents:
-            raise TdbqlError(f"latent index {node.index} is out of range 0..{n_latents - 1}")
-
-
 def _raw_write(loaded, node: NodeRef) -> torch.Tensor:
     if node.component == "mlp":
         return loaded.model.W_out(node.layer)[node.index].detach()
-    return loaded.decoder_in_resid(node.component.removesuffix("_sae"), node.layer)[node.index].detach()
+    return loaded.decoder_in_resid(COMPONENTS[node.component].site, node.layer)[node.index].detach()
 
 
 def _capture_node(loaded, batch, node: NodeRef, add_hooks) -> dict[str, torch.Tensor]:
@@ -303,7 +215,9 @@ def _capture_node(loaded, batch, node: NodeRef, add_hooks) -> dict[str, torch.Te
         "attn": ["attn.probs", "attn.v", "attn.z"] if node.index is not None else ["attn.out"],
         "block": ["resid.pre", "resid.post"],
     }
-    locations = needs.get(node.component, [f"sae.{node.component.removesuffix('_sae')}.latent"])
+    if node.component not in needs:  # a latent
+        needs[node.component] = [f"sae.{COMPONENTS[node.component].site}.latent"]
+    locations = needs[node.component]
     saved: dict[str, torch.Tensor] = {}
     hooks = batch_hooks(batch, add_hooks)
     for loc in locations:
@@ -325,7 +239,7 @@ def _node_writes(loaded, node: NodeRef, saved, row, positions, key, raw) -> torc
         if idx is None:
             return saved["attn.out"][row, positions]
         return _head_write(loaded, node, saved, row, positions, key, raw)
-    site = node.component.removesuffix("_sae")
+    site = COMPONENTS[node.component].site
     latent = saved[f"sae.{site}.latent"][row, positions, idx]
     return latent[:, None] * loaded.decoder_in_resid(site, layer)[idx][None]
 
@@ -335,7 +249,7 @@ def _head_write(loaded, node: NodeRef, saved, row, positions, key, raw) -> torch
     W_O = loaded.model.W_O(node.layer)[node.index]  # [d_head, d_model]
     if key is None:
         return saved["attn.z"][row, positions, node.index] @ W_O
-    group = loaded.info().n_heads // loaded.config.n_kv_heads
+    group = loaded.config.n_heads // loaded.config.n_kv_heads
     per_unit = saved["attn.v"][row, key, node.index // group] @ W_O  # [d_model]
     if raw:
         return per_unit[None].expand(len(positions), -1)
@@ -349,23 +263,19 @@ def _upvoted_rows(loaded, query: UpvotedQuery, prompt_id, positions, key, writes
     top_scores, top_ids = (-scores if query.bottom else scores).topk(k, dim=-1)
     top_scores = -top_scores if query.bottom else top_scores
     n_pos, n_rows = writes.shape[0], top_ids.numel()
-    ids = top_ids.reshape(-1).tolist()
-    if positions is None:
-        pos_col = pa.nulls(n_rows, pa.int64())
-    else:
-        pos_col = pa.array(positions[:, None].expand(-1, k).reshape(-1).numpy(), pa.int64())
+    ids = top_ids.reshape(-1)
     return pa.table(
         {
-            "prompt_id": pa.array([prompt_id] * n_rows, pa.int64()),
-            "layer": pa.array([node.layer] * n_rows, pa.int64()),
-            "component": pa.array([node.component] * n_rows, pa.string()),
-            "unit": pa.array([node.index] * n_rows, pa.int64()),
-            "position": pos_col,
-            "attended": pa.array([key] * n_rows, pa.int64()),
-            "vocab_id": pa.array(ids, pa.int64()),
-            "token": pa.array([loaded.token_str(i) for i in ids], pa.string()),
-            "score": pa.array(top_scores.reshape(-1).double().cpu().numpy()),
-            "rank": pa.array(torch.arange(1, k + 1).repeat(n_pos).numpy(), pa.int64()),
+            "prompt_id": repeat(prompt_id, n_rows, "prompt_id"),
+            "layer": repeat(node.layer, n_rows, "layer"),
+            "component": repeat(node.component, n_rows, "component"),
+            "unit": repeat(node.index, n_rows, "unit"),
+            "position": ints(None if positions is None else positions[:, None].expand(-1, k).reshape(-1), n_rows),
+            "attended": repeat(key, n_rows, "attended"),
+            "vocab_id": ints(ids),
+            "token": token_strings(ids, loaded.token_str),
+            "score": floats(top_scores.reshape(-1)),
+            "rank": ints(torch.arange(1, k + 1).repeat(n_pos)),
         },
         schema=UPVOTED_SCHEMA,
     )

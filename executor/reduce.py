@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .scalars import KIND_CODE, VECTOR_KINDS
+from ..query.catalog import COMPONENT_NAMES, COMPONENTS
+
+KIND_CODE = {name: i for i, name in enumerate(COMPONENT_NAMES)}  # components in residual-stream order
 
 NULL = -(2**40)  # integer NULL sentinel in row tensors
 POS_OFFSET = 2**14  # positions (possibly negative: from the end) are shifted into [0, 2**15)
@@ -66,7 +68,7 @@ def block_rows(block: Block, keep: torch.Tensor) -> Rows:
         "prompt_id": meta.prompt_id[b],
         "kind": const(KIND_CODE[block.kind]),
         "layer": const(block.layer),
-        "unit": const(None) if block.kind in VECTOR_KINDS else u,
+        "unit": const(None) if COMPONENTS[block.kind].unit is None else u,
         "position": meta.position[b, t],
         "attended": const(None) if block.key_position is None else block.key_position[b, k],
         "token_id": meta.token_id[b, t],

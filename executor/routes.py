@@ -29,35 +29,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
-from . import contrib
-from .arrow import concat_tables
-from .runtime.batching import DEFAULT_TOKEN_BUDGET, batches, forward_no_grad
-from .runtime.hooks import HookSet
 from ..query.context import PromptRow
-from ..query.plan import RoutesQuery
 from ..query.errors import TdbqlError
-
-EDGE_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.int64()),
-        ("layer", pa.int64()),
-        ("kind", pa.string()),
-        ("src_position", pa.int64()),
-        ("dst_position", pa.int64()),
-        ("head", pa.int64()),
-        ("weight", pa.float64()),
-    ]
-)
-NODE_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.int64()),
-        ("layer", pa.int64()),
-        ("kind", pa.string()),
-        ("position", pa.int64()),
-        ("token", pa.string()),
-    ]
-)
-
+from ..query.plan import RoutesQuery
+from . import contrib
+from .arrow import ROUTE_EDGE_SCHEMA, ROUTE_NODE_SCHEMA, concat_tables, floats, ints, repeat
+from .keys import causal_mask
+from .runtime.batching import batches
 
 # --- pure functions: thresholds and reachability --------------------------------------------------
 
@@ -88,8 +66,7 @@ def threshold_attention(
 ) -> AttentionEdges:
     """Apply LLM-TT's threshold per cell or per head-summed edge; keep causal edges only."""
     n = c_attn.shape[0]
-    causal = torch.ones(n, n, dtype=torch.bool, device=c_attn.device).tril()
-    c_attn = c_attn * causal[..., None]
+    c_attn = c_attn * causal_mask(n, c_attn.device)[..., None]
     if mode == "cell":
         cells, resid = contrib.threshold_and_renormalize(c_attn, c_res, threshold, renormalize=renormalize)
         kept = cells.sum(-1) > 0
@@ -105,7 +82,7 @@ def threshold_attention(
             safe = torch.where(total > 0, total, torch.ones_like(total))
             cells, resid = cells / safe[:, None, None], resid / safe
     else:
-        raise TdbqlError(f"threshold mode must be 'cell' or 'edge', not {mode!r}")
+        raise ValueError(f"threshold mode must be 'cell' or 'edge', not {mode!r}")
     dst, src = kept.nonzero(as_tuple=True)
     return AttentionEdges(dst=dst, src=src, heads=cells[dst, src], resid=resid)
 
@@ -173,10 +150,8 @@ def routes(
     token_budget: int = 2048,
     tile_elements: int = contrib.DEFAULT_TILE_ELEMENTS,
 ) -> dict[str, pa.Table]:
-    """LLM-TT's information-flow routes for every prompt: {"route_nodes", "route_edges"}."""
-    if not 0 <= query.threshold < 1:
-        raise TdbqlError(f"routes threshold must be in [0, 1), not {query.threshold}")
-    n_layers = loaded.info().n_layers
+    """LLM-TT's information-flow routes for every prompt of a bound query: {"route_nodes", "route_edges"}."""
+    n_layers = loaded.config.n_layers
     nodes, edges = [], []
     for batch in batches(loaded, prompts, token_budget=token_budget):
         store = _LayerStore(len(batch), n_layers, query)
@@ -192,8 +167,8 @@ def routes(
             nodes.append(node_table(batch.prompt_id(row), reach, tokens))
             edges.append(edge_table(batch.prompt_id(row), store.attn[row], store.mlp[row], reach))
     return {
-        "route_nodes": concat_tables(nodes, NODE_SCHEMA),
-        "route_edges": concat_tables(edges, EDGE_SCHEMA),
+        "route_nodes": concat_tables(nodes, ROUTE_NODE_SCHEMA),
+        "route_edges": concat_tables(edges, ROUTE_EDGE_SCHEMA),
     }
 
 
@@ -210,7 +185,7 @@ def _from_position(from_token: int | None, n: int, prompt_id: int) -> int:
 
 
 def node_table(prompt_id: int, reach: Reach, tokens: list[str]) -> pa.Table:
-    columns: dict[str, list] = {name: [] for name in NODE_SCHEMA.names}
+    columns: dict[str, list] = {name: [] for name in ROUTE_NODE_SCHEMA.names}
 
     def add(layer: int, kind: str, mask: torch.Tensor) -> None:
         positions = mask.nonzero(as_tuple=True)[0].tolist()
@@ -225,7 +200,7 @@ def node_table(prompt_id: int, reach: Reach, tokens: list[str]) -> pa.Table:
         add(layer, "resid.mid", reach.mid[layer])
         add(layer, "mlp", reach.mlp[layer])
         add(layer, "resid.post", reach.post[layer])
-    return pa.table(columns, schema=NODE_SCHEMA)
+    return pa.table(columns, schema=ROUTE_NODE_SCHEMA)
 
 
 def edge_table(prompt_id: int, attn: Sequence[AttentionEdges], mlp: Sequence[MlpEdges], reach: Reach) -> pa.Table:
@@ -243,107 +218,20 @@ def edge_table(prompt_id: int, attn: Sequence[AttentionEdges], mlp: Sequence[Mlp
         ):
             pos = (target & (weight > 0)).nonzero(as_tuple=True)[0]
             parts.append(_edges(prompt_id, layer, kind, pos, pos, None, weight[pos]))
-    return concat_tables(parts, EDGE_SCHEMA)
+    return concat_tables(parts, ROUTE_EDGE_SCHEMA)
 
 
 def _edges(prompt_id, layer, kind, src, dst, head, weight) -> pa.Table:
     n = len(weight)
     return pa.table(
         {
-            "prompt_id": pa.array([prompt_id] * n, pa.int64()),
-            "layer": pa.array([layer] * n, pa.int64()),
-            "kind": pa.array([kind] * n, pa.string()),
-            "src_position": pa.array(src.cpu().numpy().astype("int64")),
-            "dst_position": pa.array(dst.cpu().numpy().astype("int64")),
-            "head": pa.nulls(n, pa.int64()) if head is None else pa.array(head.cpu().numpy().astype("int64")),
-            "weight": pa.array(weight.detach().cpu().double().numpy()),
+            "prompt_id": repeat(prompt_id, n, "prompt_id"),
+            "layer": repeat(layer, n, "layer"),
+            "kind": repeat(kind, n, "kind"),
+            "src_position": ints(src),
+            "dst_position": ints(dst),
+            "head": ints(head, n),
+            "weight": floats(weight),
         },
-        schema=EDGE_SCHEMA,
-    )
-
-
-
-
-# --- per-head maps (LLM-TT's attention and contribution heatmaps) --------------------------------
-
-MAP_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.int64()),
-        ("layer", pa.int64()),
-        ("head", pa.int64()),
-        ("position", pa.int64()),
-        ("attended", pa.int64()),
-        ("token", pa.string()),
-        ("attended_token", pa.string()),
-        ("prob", pa.float64()),
-        ("contribution", pa.float64()),
-    ]
-)
-
-
-def attention_map(
-    loaded,
-    prompts: Sequence[PromptRow],
-    layer: int,
-    heads: Sequence[int] | None = None,
-    *,
-    norm: int = 1,
-    tile_elements: int = contrib.DEFAULT_TILE_ELEMENTS,
-) -> pa.Table:
-    """Rows (prompt, layer, head, t, u <= t): the attention probability A_h[t,u] and the
-    contribution share of that (key, head) to resid.mid[t]: both heatmaps of LLM-TT's head view."""
-    info = loaded.info()
-    if not 0 <= layer < info.n_layers:
-        raise TdbqlError(f"layer {layer} does not exist; the model has layers 0..{info.n_layers - 1}")
-    heads = list(range(info.n_heads)) if heads is None else list(heads)
-    bad = [h for h in heads if not 0 <= h < info.n_heads]
-    if bad:
-        raise TdbqlError(f"head {bad[0]} does not exist; the model has heads 0..{info.n_heads - 1}")
-    parts = []
-    for batch in batches(loaded, prompts, token_budget=DEFAULT_TOKEN_BUDGET):
-        probs: dict[int, torch.Tensor] = {}
-        shares: dict[int, torch.Tensor] = {}
-
-        def keep_probs(x: torch.Tensor) -> None:
-            probs["all"] = x.detach()
-
-        def sink(res: contrib.LayerContributions) -> None:
-            shares[res.prompt_index] = res.attn
-
-        capture = contrib.ContributionCapture(
-            loaded.model, batch, [layer], attention=True, mlp_blocks=False, neurons=False,
-            norm=norm, queries=None, sink=sink, tile_elements=tile_elements,
-        )
-        hooks = HookSet()
-        hooks.add("attn.probs", layer, keep_probs)
-        capture.install(hooks)
-        forward_no_grad(loaded, batch, hooks)
-        for row, n in enumerate(batch.lengths.tolist()):
-            tokens = [loaded.token_str(i) for i in batch.token_ids[row]]
-            p = probs["all"][row][heads][:, :n, :n].permute(1, 2, 0)  # [t, u, h]
-            c = shares[row][..., heads]  # [t, u, h]
-            parts.append(_map_rows(batch.prompt_id(row), layer, heads, p, c, tokens))
-    return concat_tables(parts, MAP_SCHEMA)
-
-
-def _map_rows(prompt_id: int, layer: int, heads: list[int], probs, shares, tokens: list[str]) -> pa.Table:
-    n = probs.shape[0]
-    t, u, h = torch.meshgrid(torch.arange(n), torch.arange(n), torch.arange(len(heads)), indexing="ij")
-    causal = u <= t
-    t, u, h = t[causal], u[causal], h[causal]
-    head_ids = torch.tensor(heads)[h]
-    rows = len(t)
-    return pa.table(
-        {
-            "prompt_id": pa.array([prompt_id] * rows, pa.int64()),
-            "layer": pa.array([layer] * rows, pa.int64()),
-            "head": pa.array(head_ids.numpy(), pa.int64()),
-            "position": pa.array(t.numpy(), pa.int64()),
-            "attended": pa.array(u.numpy(), pa.int64()),
-            "token": pa.array([tokens[i] for i in t.tolist()], pa.string()),
-            "attended_token": pa.array([tokens[i] for i in u.tolist()], pa.string()),
-            "prob": pa.array(probs.cpu()[causal].double().numpy()),
-            "contribution": pa.array(shares.cpu()[causal].double().numpy()),
-        },
-        schema=MAP_SCHEMA,
+        schema=ROUTE_EDGE_SCHEMA,
     )

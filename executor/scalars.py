@@ -1,4 +1,4 @@
-"""The scalar catalog: every scalar is a small declared deriver.
+"""Scalar derivers: how each scalar of the catalog (query/catalog.py) is computed on each component.
 
 A deriver names the raw tensors it needs (`Raw`: hook location, layer, forward or backward) and
 computes, from those tensors, one value per node in a canonical layout with named dimensions
@@ -9,8 +9,9 @@ computes, from those tensors, one value per node in a canonical layout with name
 Derivers are built from a few shared parts per node kind (act, grad, the unit write vector and
 g, the gradient at the residual the objective reads), so `act_times_grad` is "act × grad" for
 every kind, `direct_effect` is "act × (unit write · g)" and so on; there is no enum of combined
-names. The engine takes the union of `needs` over the derivers of a query and installs only
-those hooks.
+names. `RECIPES` holds one entry per catalog scalar; `DERIVERS` applies it to every component the
+catalog says the scalar is defined for (a test holds each to the parts it needs). The planner
+takes the union of `needs` over the derivers of a query and installs only those hooks.
 
 Node kinds (the `component` column):
 - `mlp` (t, n): a = mlp.post.
@@ -36,7 +37,11 @@ for a node N upstream of X it is N's write · ∂pre_X/∂(residual X reads) (gr
 equal to direct_effect under the same trace); for a node M downstream of X it is the
 forward-mode derivative (JVP) of M's pre-activation along X's write, through the residual stream
 only (one → many; every layer-norm scale frozen). Nodes neither side give 0. Defined for mlp,
-attn and latents.
+attn, latents and embeddings (always upstream).
+
+`contribution` is LLM-TT's proximity share (docs/routes.md), computed by executor/contrib.py's
+capture inside the same forward pass and read here from the locations `contrib.attn` and
+`contrib.mlp`.
 """
 
 from __future__ import annotations
@@ -48,14 +53,12 @@ from typing import Literal
 import torch
 from einops import rearrange
 
+from ..query.catalog import COMPONENTS, SCALARS
+from .keys import causal_sum
+
 Pass = Literal["fwd", "bwd", "jvp"]
 
-SAE_KINDS = {"mlp_sae": "mlp", "attn_sae": "attn", "resid_sae": "resid"}
-ERROR_KINDS = {"mlp_sae_error": "mlp", "attn_sae_error": "attn", "resid_sae_error": "resid"}
-VECTOR_KINDS = ("embed", *ERROR_KINDS)
-ALL_KINDS = ("embed", "attn", "head", "mlp", "attn_sae", "attn_sae_error", "mlp_sae", "mlp_sae_error",
-             "resid_sae", "resid_sae_error")
-KIND_CODE = {k: i for i, k in enumerate(ALL_KINDS)}
+VECTOR_KINDS = tuple(c.name for c in COMPONENTS.values() if c.unit is None)  # one node per token
 
 
 @dataclass(frozen=True, order=True)
@@ -81,7 +84,7 @@ class Site:
 
     @property
     def sae_site(self) -> str | None:
-        return SAE_KINDS.get(self.kind) or ERROR_KINDS.get(self.kind)
+        return COMPONENTS[self.kind].site
 
 
 class Context:
@@ -233,15 +236,8 @@ ATTN_PARTS = {
 
 
 # Heads: attention summed over keys u <= t -> (batch, token, 1, head)
-def _causal_sum(x: torch.Tensor) -> torch.Tensor:
-    """(batch, token, key, head) summed over keys u <= t (gradients at hidden keys are not zero)."""
-    T = x.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    return torch.where(causal[None, :, :, None], x, 0).sum(2, keepdim=True)
-
-
 def _sum_keys(c: Context, part: str) -> torch.Tensor:
-    return _causal_sum(_probs_layout(c.raw("attn.probs", "bwd" if part == "grad" else "fwd")))
+    return causal_sum(_probs_layout(c.raw("attn.probs", "bwd" if part == "grad" else "fwd")))
 
 
 def _head_write(ctx: Context) -> torch.Tensor:  # (batch, token, head, d_model)
@@ -257,7 +253,7 @@ def _head_direct(ctx: Context) -> torch.Tensor:
 
 def _head_times_grad(ctx: Context) -> torch.Tensor:
     probs = _probs_layout(ctx.raw("attn.probs"))
-    return _causal_sum(probs * _probs_layout(ctx.raw("attn.probs", "bwd")))
+    return causal_sum(probs * _probs_layout(ctx.raw("attn.probs", "bwd")))
 
 
 HEAD_PARTS = {
@@ -351,11 +347,27 @@ PARTS: dict[str, dict[str, Part]] = {
 
 
 def _family(kind: str) -> str:
-    if kind in SAE_KINDS:
-        return "sae"
     if kind in VECTOR_KINDS:
         return "vector"
-    return kind
+    return "sae" if COMPONENTS[kind].unit == "latent" else kind
+
+
+# --- contribution: LLM-TT's proximity shares, captured during the forward pass -------------------------
+
+# The pass fills these locations from executor/contrib.py's capture (they are not hook points):
+# contrib.attn (batch, token, key, head) per (query, key, head) share of resid.mid; contrib.mlp
+# (batch, token, 1, neuron) per neuron share of resid.post.
+CONTRIBUTION_LOCATIONS = ("contrib.attn", "contrib.mlp")
+
+MLP_PARTS["contribution"] = Part(_fixed("contrib.mlp"), lambda c: c.raw("contrib.mlp"))
+ATTN_PARTS["contribution"] = Part(_fixed("contrib.attn"), lambda c: c.raw("contrib.attn"))
+HEAD_PARTS["contribution"] = Part(_fixed("contrib.attn"), lambda c: causal_sum(c.raw("contrib.attn")))
+
+# raw per-key tensors for the head's pair scalar; raw vectors for vector nodes' pair scalar
+HEAD_PARTS["act_keys"] = Part(_fixed("attn.probs"), lambda c: _probs_layout(c.raw("attn.probs")))
+HEAD_PARTS["grad_keys"] = Part(_fixed("attn.probs", "bwd"), lambda c: _probs_layout(c.raw("attn.probs", "bwd")))
+VECTOR_PARTS["x"] = Part(_at(_vector_loc), lambda c: _vector(c))
+VECTOR_PARTS["dx"] = Part(_at(_vector_loc, "bwd"), lambda c: _vector(c, "bwd"))
 
 
 # --- derivers ---------------------------------------------------------------------------------------
@@ -363,14 +375,15 @@ def _family(kind: str) -> str:
 
 @dataclass(frozen=True)
 class Deriver:
-    """One scalar on one node kind: the parts it combines and how."""
+    """One scalar on one node kind: the parts it combines and how. `downstream` is the deriver
+    for nodes downstream of a traced node, where that differs (in_edge: a forward-mode JVP)."""
 
     scalar: str
     parts: tuple[str, ...]
     combine: Callable[..., torch.Tensor] = field(default=lambda x: x)
     pair: bool = False  # computes across (clean, corrupted) prompt pairs
     jvp: bool = False  # reads tangents of the forward-mode pass
-    external: bool = False  # values come from another module's pass (contribution: executor/contrib.py)
+    downstream: Deriver | None = None
 
     def needs(self, site: Site) -> frozenset[Raw]:
         table = PARTS[_family(site.kind)]
@@ -381,6 +394,18 @@ class Deriver:
             out |= part.needs(site)
             pending.extend(part.uses)
         return frozenset(out)
+
+    def missing_parts(self, kind: str) -> list[str]:
+        """Parts this deriver (and its downstream variant) uses that `kind`'s family lacks."""
+        table = PARTS[_family(kind)]
+        pending, missing = list(self.parts), []
+        while pending:
+            name = pending.pop()
+            if name not in table:
+                missing.append(name)
+            else:
+                pending.extend(table[name].uses)
+        return missing + (self.downstream.missing_parts(kind) if self.downstream else [])
 
     def compute(self, ctx: Context) -> torch.Tensor:
         """Values in the layout (batch, token, key, unit)."""
@@ -404,50 +429,55 @@ def _vector_patch(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return _per_token(out)
 
 
-def deriver(scalar: str, kind: str, *, upstream_of_trace: bool = True) -> Deriver | None:
-    """The deriver of `scalar` on `kind`, or None where the scalar is not defined for it."""
-    family = _family(kind)
-    table = PARTS[family]
-    if scalar in ("act", "grad", "write_norm", "direct_effect"):
-        return Deriver(scalar, (scalar,))
-    if scalar == "act_times_grad":
-        if "act_times_grad" in table:
-            return Deriver(scalar, ("act_times_grad",))
-        return Deriver(scalar, ("act", "grad"), _product)
-    if scalar == "token_attribution":
-        return Deriver(scalar, ("act_times_grad",)) if kind == "embed" else None
-    if scalar == "sae_error":
-        return Deriver(scalar, ("norm",)) if kind in ERROR_KINDS else None
-    if scalar == "attrib_patch":
-        return _patch_deriver(kind)
-    if scalar == "contribution":
-        return Deriver(scalar, (), external=True) if kind in CONTRIBUTION_KINDS else None
-    if scalar == "in_edge":
-        if kind not in ("mlp", "attn", *SAE_KINDS):
-            return None
-        if upstream_of_trace:
-            return Deriver(scalar, ("direct_effect",))
-        return Deriver(scalar, ("jvp_pre",), jvp=True)
-    return None
+def _same_part(scalar: str) -> Callable[[str], Deriver]:
+    return lambda kind: Deriver(scalar, (scalar,))
 
 
-def _patch_deriver(kind: str) -> Deriver:
+def _act_times_grad(kind: str) -> Deriver:
+    if "act_times_grad" in PARTS[_family(kind)]:  # heads and vector nodes have their own
+        return Deriver("act_times_grad", ("act_times_grad",))
+    return Deriver("act_times_grad", ("act", "grad"), _product)
+
+
+def _in_edge(kind: str) -> Deriver:
+    """Upstream of the trace: the direct effect on it; downstream: the JVP of the pre-activation
+    along the traced node's write (embeddings are never downstream)."""
+    below = None if kind == "embed" else Deriver("in_edge", ("jvp_pre",), jvp=True)
+    return Deriver("in_edge", ("direct_effect",), downstream=below)
+
+
+def _attrib_patch_deriver(kind: str) -> Deriver:
     if kind in VECTOR_KINDS:
         return Deriver("attrib_patch", ("x", "dx"), _vector_patch, pair=True)
     if kind == "head":
-        return Deriver("attrib_patch", ("act_keys", "grad_keys"),
-                       lambda a, g: _causal_sum(_attrib_patch(a, g)), pair=True)
+        return Deriver("attrib_patch", ("act_keys", "grad_keys"), lambda a, g: causal_sum(_attrib_patch(a, g)),
+                       pair=True)
     return Deriver("attrib_patch", ("act", "grad"), _attrib_patch, pair=True)
 
 
-# raw per-key tensors for the head's pair scalar; raw vectors for vector nodes' pair scalar
-HEAD_PARTS["act_keys"] = Part(_fixed("attn.probs"), lambda c: _probs_layout(c.raw("attn.probs")))
-HEAD_PARTS["grad_keys"] = Part(_fixed("attn.probs", "bwd"), lambda c: _probs_layout(c.raw("attn.probs", "bwd")))
-VECTOR_PARTS["x"] = Part(_at(_vector_loc), lambda c: _vector(c))
-VECTOR_PARTS["dx"] = Part(_at(_vector_loc, "bwd"), lambda c: _vector(c, "bwd"))
+# How each catalog scalar is derived on a component (query/catalog.py says which components)
+RECIPES: dict[str, Callable[[str], Deriver]] = {
+    "act": _same_part("act"),
+    "grad": _same_part("grad"),
+    "act_times_grad": _act_times_grad,
+    "write_norm": _same_part("write_norm"),
+    "direct_effect": _same_part("direct_effect"),
+    "contribution": _same_part("contribution"),
+    "token_attribution": lambda kind: Deriver("token_attribution", ("act_times_grad",)),
+    "sae_error": lambda kind: Deriver("sae_error", ("norm",)),
+    "in_edge": _in_edge,
+    "attrib_patch": _attrib_patch_deriver,
+}
 
-# LLM-TT proximity shares, computed by executor/contrib.py in its own forward pass
-CONTRIBUTION_KINDS = ("attn", "head", "mlp")
+DERIVERS: dict[tuple[str, str], Deriver] = {
+    (name, kind): RECIPES[name](kind) for name, scalar in SCALARS.items() for kind in scalar.applies_to
+}
 
-# scalars that are defined only on some kinds: the kinds a query gets when it names no component
-HOME_KINDS = {"token_attribution": ("embed",), "sae_error": tuple(ERROR_KINDS)}
+
+def deriver(scalar: str, kind: str, *, downstream: bool = False) -> Deriver | None:
+    """The deriver of `scalar` on `kind` (its downstream-of-trace variant when asked), or None
+    where the catalog does not define the scalar for the kind."""
+    found = DERIVERS.get((scalar, kind))
+    if found is not None and downstream and found.downstream is not None:
+        return found.downstream
+    return found

@@ -16,12 +16,12 @@ from lark import Lark, Token
 from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 from lark.lexer import PatternStr
 
-from .split import CONTINUATION_WORDS, DSL_STATEMENT_STARTS, SQL_KEYWORDS, Chunk, line_col, split_statements
-from .transform import NameProblem, nearest, to_plan
+from ..query.errors import TdbqlError, nearest
 from ..query.plan import Span, SqlStmt, Statement
-from ..query.errors import TdbqlError
+from .split import CONTINUATION_WORDS, DSL_STATEMENT_STARTS, SQL_KEYWORDS, Chunk, line_col, split_statements
+from .transform import NameProblem, to_plan
 
-__all__ = ["parse", "parse_one", "parser", "KEYWORDS", "SQL_KEYWORDS", "TOKEN_TYPES", "name_role", "tokens_before"]
+__all__ = ["parse", "parser", "KEYWORDS", "SQL_KEYWORDS", "TOKEN_TYPES", "name_role", "tokens_before"]
 
 
 class _NameEverywhere:
@@ -81,14 +81,6 @@ def parse(text: str) -> list[tuple[Statement, Span]]:
         raise
     except RecursionError:
         raise TdbqlError("statement is nested too deeply") from None
-
-
-def parse_one(text: str) -> Statement:
-    """Parse text holding exactly one statement."""
-    statements = parse(text)
-    if len(statements) != 1:
-        raise TdbqlError(f"expected one statement, found {len(statements)}")
-    return statements[0][0]
 
 
 def _span(text: str, chunk: Chunk) -> Span:

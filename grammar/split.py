@@ -18,7 +18,7 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from ..query.plan import SCALARS
+from ..query.catalog import SCALAR_NAMES as SCALARS
 from ..query.errors import TdbqlError
 
 SQL_KEYWORDS: frozenset[str] = frozenset(

@@ -8,42 +8,22 @@ TdbqlError with line and column in the whole program.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lark import Token, Transformer, Tree, v_args
 
-from ..query import plan
-from ..query.plan import Ablation, Condition, Loss, NodeRef, Range, ScalarSpec, Trace
-
-QUERY_COMPONENTS: tuple[str, ...] = ("mlp", "attn", "head", "sae", "mlp_sae", "attn_sae", "resid_sae", "embed")
-REF_COMPONENTS: tuple[str, ...] = ("mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae", "resid", "block")
-# `mlp[L]` / `attn[L]` (no index) name a sublayer's whole write, `block[L]` a layer's whole update:
-# only `upvoted` takes them; `resid[L]` and `block[L]` never take an index.
-WHOLE_ONLY: frozenset[str] = frozenset({"resid", "block"})
-INDEX_OPTIONAL: frozenset[str] = frozenset({"mlp", "attn"})
-SAE_SITES: tuple[str, ...] = ("mlp", "attn", "resid")
-DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
-REDUCTIONS: tuple[str, ...] = ("mean", "sum", "max")
-TRACE_PATHS: tuple[str, ...] = ("q", "k", "qk", "v")
-ROUTE_MODES: tuple[str, ...] = ("cell", "edge")
-SWITCHES: dict[str, bool] = {"on": True, "off": False, "true": True, "false": False}
-
-# TransformerLens / SAELens hook names accepted as node references: `blocks.{L}.<suffix>[index]`.
-HOOK_ALIASES: dict[str, str] = {
-    "mlp.hook_post": "mlp",
-    "attn.hook_pattern": "attn",
-    "attn.hook_z": "attn",
-    "hook_resid_post": "resid",
-    "hook_mlp_out": "mlp",
-    "hook_attn_out": "attn",
-    "mlp.hook_post.hook_sae_acts_post": "mlp_sae",
-    "hook_mlp_out.hook_sae_acts_post": "mlp_sae",
-    "attn.hook_z.hook_sae_acts_post": "attn_sae",
-    "hook_attn_out.hook_sae_acts_post": "attn_sae",
-    "hook_resid_post.hook_sae_acts_post": "resid_sae",
-}
+from ..query import catalog, plan
+from ..query.errors import nearest
+from ..query.plan import (
+    Ablation,
+    Condition,
+    Loss,
+    NodeRef,
+    Range,
+    ScalarSpec,
+    Trace,
+)
 
 
 class NameProblem(Exception):
@@ -54,11 +34,6 @@ class NameProblem(Exception):
         self.message = message
         self.pos = pos
         self.suggestion = suggestion
-
-
-def nearest(word: str, choices: Sequence[str]) -> str | None:
-    found = difflib.get_close_matches(word.lower(), list(choices), n=1, cutoff=0.7)
-    return found[0] if found else None
 
 
 def choose(token: Token, choices: Sequence[str], what: str) -> str:
@@ -104,7 +79,10 @@ def positive(token: Token, what: str = "k") -> int:
 
 
 def switch(token: Token, what: str) -> bool:
-    return SWITCHES[choose(token, tuple(SWITCHES), what)]
+    value = catalog.switch_value(token)
+    if value is None:
+        raise NameProblem(f"unknown {what} '{token}' (on or off)", token.start_pos)
+    return value
 
 
 @dataclass(frozen=True)
@@ -143,13 +121,13 @@ class ToPlan(Transformer):
         return plan.ModelStmt(name="default" if path.lower() == "default" else path, **fields)
 
     def dtype_opt(self, token: Token) -> tuple[str, str, int]:
-        return ("dtype", choose(token, DTYPES, "dtype"), token.start_pos)
+        return ("dtype", choose(token, catalog.DTYPES, "dtype"), token.start_pos)
 
     def device_opt(self, token: Token) -> tuple[str, str, int]:
         return ("device", _path(token), token.start_pos)
 
     def sae_stmt(self, site: Token, path: Token) -> plan.SaeStmt:
-        return plan.SaeStmt(site=choose(site, SAE_SITES, "autoencoder site"), path=_path(path))
+        return plan.SaeStmt(site=choose(site, catalog.SAE_SITES, "autoencoder site"), path=_path(path))
 
     def prompt_stmt(self, texts: tuple[str, ...]) -> plan.PromptStmt:
         return plan.PromptStmt(texts=texts)
@@ -177,8 +155,8 @@ class ToPlan(Transformer):
 
     def set_stmt(self, name: Token, value: Token) -> plan.SetStmt:
         parsed: plan.Scalar = literal(value)
-        if value.type == "NAME" and str(value).lower() in SWITCHES:
-            parsed = SWITCHES[str(value).lower()]
+        if value.type == "NAME" and catalog.switch_value(value) is not None:
+            parsed = catalog.switch_value(value)
         return plan.SetStmt(name=str(name).lower(), value=parsed)
 
     def explain_stmt(self, query: object) -> plan.ExplainStmt:
@@ -207,30 +185,30 @@ class ToPlan(Transformer):
             if key in seen:
                 raise NameProblem(f"parameter '{key}' is given twice", pos)
             seen.add(key)
-        return ScalarSpec(name=choose(name, plan.SCALARS, "scalar"), params=tuple(p[:2] for p in params))
+        return ScalarSpec(name=choose(name, catalog.SCALAR_NAMES, "scalar"), params=tuple(p[:2] for p in params))
 
     def param(self, key: Token, value: Token) -> tuple[str, plan.Scalar, int]:
         return (str(key).lower(), literal(value), key.start_pos)
 
     def of_clause(self, *names: Token) -> Clause:
-        components = tuple(dict.fromkeys(choose(n, QUERY_COMPONENTS, "component") for n in names))
+        components = tuple(dict.fromkeys(choose(n, catalog.WRITTEN_COMPONENTS, "component") for n in names))
         return Clause("components", components, names[0].start_pos, "of")
 
     def by_clause(self, *names: Token) -> Clause:
-        keys = tuple(dict.fromkeys(choose(n, plan.GROUP_KEYS, "group key") for n in names))
+        keys = tuple(dict.fromkeys(choose(n, catalog.GROUP_KEYS, "group key") for n in names))
         return Clause("by", keys, names[0].start_pos)
 
     @v_args(meta=True)
     def trace_clause(self, meta, children: list) -> Clause:
         node, via = children[0], (children[1] if len(children) > 1 else None)
         _needs_index(node, meta.start_pos)
-        path = choose(via, TRACE_PATHS, "trace path") if via is not None else None
+        path = choose(via, catalog.TRACE_PATHS, "trace path") if via is not None else None
         if path is not None and node.component != "attn":
             raise NameProblem(f"'via {path}' applies to attention heads, not {node.component}", via.start_pos)
         return Clause("trace", Trace(node=node, via=path), meta.start_pos)
 
     def over_clause(self, reduction: Token) -> Clause:
-        return Clause("over_prompts", choose(reduction, REDUCTIONS, "reduction"), reduction.start_pos, "over")
+        return Clause("over_prompts", choose(reduction, catalog.REDUCTIONS, "reduction"), reduction.start_pos, "over")
 
     @v_args(meta=True)
     def target_clause(self, meta, children: list) -> Clause:
@@ -275,25 +253,26 @@ class ToPlan(Transformer):
         return Ablation(node=node, value="mean" if value.type == "MEAN" else float(value))
 
     def short_ref(self, name: Token, layer: Token, *rest: object) -> NodeRef:
-        component = choose(name, REF_COMPONENTS, "node kind")
+        component = choose(name, tuple(catalog.NODE_REFS), "node kind")
         indices = [int(item) for item in rest if isinstance(item, Token)]
         at = next((item for item in rest if isinstance(item, tuple)), (None, None))
-        if component in WHOLE_ONLY and indices:
+        index = catalog.NODE_REFS[component]
+        if index == "none" and indices:
             raise NameProblem(f"{component} takes a layer only: {component}[L]", name.start_pos)
-        if component not in WHOLE_ONLY | INDEX_OPTIONAL and not indices:
+        if index == "required" and not indices:
             raise NameProblem(f"{component} takes a layer and an index: {component}[L,I]", name.start_pos)
         return _node_ref(component, int(layer), indices[0] if indices else None, at, name.start_pos)
 
     def hook_ref(self, hook: Token, *rest: object) -> NodeRef:
         _, layer_text, suffix = str(hook).split(".", 2)
-        component = HOOK_ALIASES.get(suffix.lower())
-        if component is None:
-            suggestion = nearest(suffix, tuple(HOOK_ALIASES))
+        found = catalog.hook_node(suffix)
+        if found is None:
+            suggestion = nearest(suffix, catalog.node_hook_names())
             raise NameProblem(
                 f"unknown hook name '{hook}'", hook.start_pos,
                 f"blocks.{layer_text}.{suggestion}" if suggestion else None,
             )
-        component_whole = component in WHOLE_ONLY or suffix.lower() in ("hook_mlp_out", "hook_attn_out")
+        component, component_whole = found
         indices = [int(item) for item in rest if isinstance(item, Token)]
         at = next((item for item in rest if isinstance(item, tuple)), (None, None))
         if component_whole and indices:
@@ -355,10 +334,10 @@ class ToPlan(Transformer):
         return Clause("from_token", int(token), token.start_pos, "from token")
 
     def mode_clause(self, mode: Token) -> Clause:
-        return Clause("threshold_mode", choose(mode, ROUTE_MODES, "routes mode"), mode.start_pos, "mode")
+        return Clause("threshold_mode", choose(mode, catalog.ROUTE_MODES, "routes mode"), mode.start_pos, "mode")
 
     def norm_clause(self, norm: Token) -> Clause:
-        if str(norm) not in ("1", "2"):
+        if int(norm) not in catalog.ROUTE_NORMS:
             raise NameProblem(f"norm must be 1 or 2, got {norm}", norm.start_pos)
         return Clause("norm", int(norm), norm.start_pos)
 
@@ -369,7 +348,7 @@ def _path(token: Token) -> str:
 
 def _needs_index(node: NodeRef, pos: int) -> None:
     """Ablation and tracing act on one neuron, head or latent (or, for ablation, resid: see bind)."""
-    if node.index is None and node.component in INDEX_OPTIONAL:
+    if node.index is None and catalog.NODE_REFS[node.component] == "optional":
         raise NameProblem(f"{node.component} takes a layer and an index: {node.component}[L,I]", pos)
 
 

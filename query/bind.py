@@ -1,114 +1,126 @@
-"""Bind a parsed statement to a loaded model: check names and ranges, fill defaults.
+"""Bind a parsed statement to a loaded model: the one place that checks names and ranges.
 
     stmt, span = parse("topk 5 act where layer = 9")[0]
     bind(stmt, span, info=loaded.info(), tokenize=loaded.encode, source=text)
     # TdbqlError: 1:19: layer 9 is out of range: the model has 4 layers (0..3)
 
 Everything a statement names is checked here, before any tensor work: layers, heads, neurons and
-latents in range; each scalar defined for each component it is asked of; autoencoder components
-only where an autoencoder is loaded; targets and distractors single tokens; `where` fields known;
-tables named by a `prompts from (subquery)` present. The result is normalised: a node query's
-components are filled in (DEFAULT_COMPONENTS plus the loaded autoencoder components, when `of` is
-left out) and `sae` is resolved to mlp_sae/attn_sae/resid_sae.
+latents in range; each scalar defined for each component it is asked of (catalog.py); its
+parameters; autoencoder components only where an autoencoder is loaded; traces, ablations and
+`upvoted` nodes well-formed; targets and distractors single tokens; `where` fields known;
+settings and their values; tables named by a `prompts from (subquery)` present. The result is
+normalised: a node query's components are the components whose rows it computes (the defaults
+when `of` is left out, `sae` expanded, error rows added for `sae_error`), parameters carry their
+defaults, `sae[L,I]` names its site.
+
+`bind_query` then resolves a model query's loss against the session (the query's own target, or
+the session's) and returns the `BoundQuery` the engine runs; the engine does not check again.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Collection, Sequence
 
+from . import catalog
+from .catalog import COMPONENTS, LATENTS, SCALARS
+from .context import ModelInfo
+from .errors import LOSS_HINT, TdbqlError, nearest
 from .plan import (
-    DEFAULT_COMPONENTS,
-    NODE_FIELDS,
     Ablation,
+    BoundQuery,
     Condition,
     ExplainStmt,
     LogitLensQuery,
     LogitsQuery,
     Loss,
+    ModelStmt,
     NodeQuery,
     NodeRef,
     PromptsFromSql,
+    Query,
     Range,
     RoutesQuery,
+    ScalarSpec,
+    SetStmt,
     Span,
+    SqlStmt,
     Statement,
     TargetStmt,
     Trace,
     UpvotedQuery,
 )
-from .context import ModelInfo
-from .errors import TdbqlError
 
-_LATENTS = ("mlp_sae", "attn_sae", "resid_sae")
-_RANKED = ("mlp", "attn", "head") + _LATENTS
+MODEL_FREE = (ModelStmt, SetStmt, SqlStmt)  # statements that bind without a loaded model
 
-# Which components each scalar is defined for (design §3).
-APPLIES_TO: dict[str, tuple[str, ...]] = {
-    "act": _RANKED,
-    "grad": _RANKED,
-    "act_times_grad": _RANKED,
-    "write_norm": _RANKED,
-    "direct_effect": _RANKED,
-    "contribution": ("mlp", "attn", "head"),
-    "token_attribution": ("embed",),
-    "sae_error": _LATENTS,
-    "in_edge": _RANKED + ("embed",),
-    "attrib_patch": _RANKED,
-}
-# Parameters each scalar accepts, with their allowed values.
-SCALAR_PARAMS: dict[str, dict[str, tuple[object, ...]]] = {"contribution": {"norm": (1, 2)}}
 
-COMPONENT_WORDS: dict[str, str] = {
-    "mlp": "MLP neurons",
-    "attn": "attention heads",
-    "head": "attention heads (summed over keys)",
-    "mlp_sae": "MLP autoencoder latents",
-    "attn_sae": "attention autoencoder latents",
-    "resid_sae": "residual autoencoder latents",
-    "embed": "token embeddings",
-}
-_QUERY_FIELDS: dict[str, tuple[str, ...]] = {
-    "logits": ("token", "prompt"),
-    "logit_lens": ("layer", "token", "prompt"),
-}
+def needs_model(stmt: Statement) -> bool:
+    """Whether binding `stmt` needs the loaded model's shape (so the model must be loaded first)."""
+    return not isinstance(stmt, MODEL_FREE)
 
 
 def bind(
     stmt: Statement,
-    span: Span,
+    span: Span | None,
     *,
-    info: ModelInfo,
-    tokenize: Callable[[str], list[int]],
+    info: ModelInfo | None = None,
+    tokenize: Callable[[str], list[int]] | None = None,
     tables: Collection[str] = (),
     source: str | None = None,
 ) -> Statement:
-    """Check `stmt` against the model and session; return it normalised. Raises TdbqlError."""
-    return _Binder(info, tokenize, tables, span, source).statement(stmt)
+    """Check `stmt` against the model and session; return it normalised. Raises TdbqlError.
+    `info` and `tokenize` may be None only for statements that do not `needs_model`."""
+    binder = _Binder(info, tokenize, tables, span, source)
+    return binder.statement(stmt)
+
+
+def bind_query(
+    query: Query,
+    span: Span | None,
+    *,
+    session_loss: Loss | None,
+    prompts_have_targets: bool,
+    source: str | None = None,
+    explain: bool = False,
+) -> BoundQuery:
+    """A bound model query with its loss resolved; an error when a gradient needs a loss and there
+    is none (no query target, no session target, and not every prompt carries its own)."""
+    loss = getattr(query, "target", None) or session_loss
+    if isinstance(query, NodeQuery) and loss is None and not prompts_have_targets:
+        binder = _Binder(None, None, (), span, source)
+        needing = [s.name for s in query.scalars if SCALARS[s.name].gradient]
+        trace = query.trace
+        if needing and trace is not None and trace.via == "v":
+            node = trace.node
+            raise binder.fail(f"trace attn[{node.layer},{node.index}] via v weighs the head's write by the loss "
+                              f"gradient: {LOSS_HINT}", r"\btrace\b")
+        if needing and trace is None:
+            raise binder.fail(f"{', '.join(needing)} needs a loss: {LOSS_HINT}", rf"\b{needing[0]}\b")
+    return BoundQuery(query=query, loss=loss, explain=explain)
 
 
 class _Binder:
-    def __init__(self, info: ModelInfo, tokenize, tables: Collection[str], span: Span, source: str | None):
+    def __init__(self, info: ModelInfo | None, tokenize, tables: Collection[str], span: Span | None,
+                 source: str | None):
         self.info, self.tokenize, self.span, self.source = info, tokenize, span, source
         self.tables = {name.lower() for name in tables}
         self.sae_layers: dict[str, dict[int, int]] = {}
-        for site, layer, n_latents in info.sae_latents:
-            self.sae_layers.setdefault(f"{site}_sae", {})[layer] = n_latents
+        for site, layer, n_latents in info.sae_latents if info else ():
+            self.sae_layers.setdefault(catalog.latent_component(site), {})[layer] = n_latents
 
     # --- errors, placed at the text they are about when the source is known ---
 
     def fail(self, message: str, near: str | None = None, suggestion: str | None = None) -> TdbqlError:
         pos = self._locate(near) if near else None
         if pos is None:
-            line, column = self.span.line, self.span.column
+            line, column = (self.span.line, self.span.column) if self.span else (None, None)
         else:
             line = self.source.count("\n", 0, pos) + 1
             column = pos - (self.source.rfind("\n", 0, pos) + 1) + 1
         return TdbqlError(message, line=line, column=column, source=self.source, suggestion=suggestion)
 
     def _locate(self, pattern: str) -> int | None:
-        if self.source is None:
+        if self.source is None or self.span is None:
             return None
         body = self.source[self.span.start_pos : self.span.end_pos]
         match = re.search(pattern, body, flags=re.IGNORECASE | re.DOTALL)
@@ -119,89 +131,165 @@ class _Binder:
     # --- statements ---
 
     def statement(self, stmt: Statement) -> Statement:
-        if isinstance(stmt, NodeQuery):
-            return self.node_query(stmt)
-        if isinstance(stmt, LogitsQuery):
-            return self.logits_like(stmt, "logits")
-        if isinstance(stmt, LogitLensQuery):
-            return self.logits_like(stmt, "logit_lens")
-        if isinstance(stmt, UpvotedQuery):
-            return stmt.model_copy(update={"node": self.node_ref(stmt.node), "k": self.vocab_k(stmt.k)})
-        if isinstance(stmt, RoutesQuery):
-            if stmt.from_token is not None:
-                self.token(stmt.from_token, "token", near=r"\bfrom\b")
-            return stmt
-        if isinstance(stmt, ExplainStmt):
-            return stmt.model_copy(update={"query": self.statement(stmt.query)})
-        if isinstance(stmt, TargetStmt):
-            return stmt.model_copy(update={"loss": self.loss(stmt.loss)})
-        if isinstance(stmt, PromptsFromSql):
-            self.check_tables(stmt.sql)
-        return stmt
+        visit = getattr(self, f"visit_{type(stmt).__name__}", None)
+        return stmt if visit is None else visit(stmt)
 
-    def node_query(self, query: NodeQuery) -> NodeQuery:
-        self.check_params(query)
+    def visit_NodeQuery(self, query: NodeQuery) -> NodeQuery:
+        scalars = self.scalars(query.scalars)
+        names = tuple(spec.name for spec in scalars)
         trace = self.trace(query.trace) if query.trace else None
-        if any(spec.name == "in_edge" for spec in query.scalars) and trace is None:
-            raise self.fail("in_edge needs a traced node: add `trace mlp[L,N]@t`", r"\bin_edge\b")
-        components = self.components(query)
-        scalars = {spec.name for spec in query.scalars}
-        allowed = NODE_FIELDS + tuple(spec.name for spec in query.scalars)
+        for name in names:
+            if SCALARS[name].needs_trace and trace is None:
+                raise self.fail(f"{name} needs a traced node: add `trace mlp[L,N]@t`", rf"\b{name}\b")
+        if query.over_prompts and "prompt" in query.by:
+            raise self.fail("`by prompt` cannot be combined with `over prompts`", r"\bby\b")
+        components = catalog.row_components(names, self.components(query, names))
         return query.model_copy(
             update={
+                "scalars": scalars,
                 "components": components,
-                "where": tuple(self.condition(c, allowed, components, scalars) for c in query.where),
+                "where": tuple(self.condition(c, catalog.NODE_FIELDS + names, components, names) for c in query.where),
                 "ablations": tuple(self.ablation(a) for a in query.ablations),
                 "trace": trace,
                 "target": self.loss(query.target) if query.target else None,
             }
         )
 
+    def visit_LogitsQuery(self, query: LogitsQuery) -> LogitsQuery:
+        return self.logits_like(query, "logits")
+
+    def visit_LogitLensQuery(self, query: LogitLensQuery) -> LogitLensQuery:
+        return self.logits_like(query, "logit_lens")
+
+    def visit_UpvotedQuery(self, query: UpvotedQuery) -> UpvotedQuery:
+        node = self.node_ref(query.node)
+        near = rf"\b{query.node.component}\b"
+        if node.component == "resid":
+            raise self.fail("upvoted takes mlp[L,N], attn[L,H], sae[L,I] or a whole block (mlp[L], attn[L], "
+                            "block[L]); use logit_lens for resid[L]", near)
+        if node.key is not None and node.token is None:
+            raise self.fail("a key token (@t:u) needs a query token: attn[L,H]@t:u", near)
+        if query.raw and (node.index is None or node.component == "block"):
+            raise self.fail("raw needs a single neuron, latent or head, not a whole block", r"\braw\b")
+        if query.raw and node.component == "attn" and node.key is None:
+            raise self.fail("raw for a head needs a key (attn[L,H]@t:u): its raw write is v[u] W_O[h]", r"\braw\b")
+        return query.model_copy(update={"node": node, "k": self.vocab_k(query.k)})
+
+    def visit_RoutesQuery(self, query: RoutesQuery) -> RoutesQuery:
+        if not 0 <= query.threshold < 1:
+            raise self.fail(f"routes threshold must be in [0, 1), not {query.threshold}", r"\bthreshold\b")
+        if query.from_token is not None:
+            self.token(query.from_token, "token", near=r"\bfrom\b")
+        return query
+
+    def visit_ExplainStmt(self, stmt: ExplainStmt) -> ExplainStmt:
+        return stmt.model_copy(update={"query": self.statement(stmt.query)})
+
+    def visit_TargetStmt(self, stmt: TargetStmt) -> TargetStmt:
+        return stmt.model_copy(update={"loss": self.loss(stmt.loss)})
+
+    def visit_PromptsFromSql(self, stmt: PromptsFromSql) -> PromptsFromSql:
+        self.check_tables(stmt.sql)
+        return stmt
+
+    def visit_SetStmt(self, stmt: SetStmt) -> SetStmt:
+        name = stmt.name.lower()
+        setting = catalog.SETTINGS.get(name)
+        if setting is None:
+            raise self.fail(f"unknown setting '{stmt.name}' (settings: {', '.join(catalog.SETTINGS)})",
+                            rf"\b{re.escape(stmt.name)}\b", nearest(name, catalog.SETTINGS))
+        return stmt.model_copy(update={"name": name, "value": self.setting_value(setting, stmt.value)})
+
     def logits_like(self, query: LogitsQuery | LogitLensQuery, kind: str):
-        allowed = _QUERY_FIELDS[kind]
+        fields = catalog.QUERY_FIELDS[kind]
         return query.model_copy(
             update={
                 "k": self.vocab_k(query.k),
-                "where": tuple(self.condition(c, allowed, (), set()) for c in query.where),
+                "where": tuple(self.condition(c, fields, (), ()) for c in query.where),
                 "ablations": tuple(self.ablation(a) for a in query.ablations),
             }
         )
 
-    # --- components and scalars ---
+    # --- settings ---
 
-    def loaded_sae_components(self) -> tuple[str, ...]:
-        return tuple(c for c in _LATENTS if c in self.sae_layers)
+    def setting_value(self, setting: catalog.SettingDef, value):
+        near = rf"\b{setting.name}\b"
+        if setting.kind == "switch":
+            on = catalog.switch_value(value)
+            if on is None:
+                raise self.fail(f"{setting.name} is on or off, not {value!r}", near)
+            return on
+        if setting.kind == "count":
+            if isinstance(value, str) and value.lower() == "auto":
+                return "auto"
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise self.fail(f"{setting.name} must be a positive integer or 'auto', not {value!r}", near)
+            return value
+        if setting.kind == "choice" and str(value) not in setting.choices:
+            raise self.fail(f"{setting.name} must be one of {', '.join(setting.choices)}, not {value!r}", near,
+                            nearest(str(value), setting.choices))
+        return str(value)
 
-    def components(self, query: NodeQuery) -> tuple[str, ...]:
-        names = [spec.name for spec in query.scalars]
+    # --- scalars and components ---
+
+    def scalars(self, specs: Sequence[ScalarSpec]) -> tuple[ScalarSpec, ...]:
+        seen: set[str] = set()
+        out = []
+        for spec in specs:
+            if spec.name in seen:
+                raise self.fail(f"{spec.name} is asked twice: each scalar is one column", rf"\b{spec.name}\b")
+            seen.add(spec.name)
+            out.append(self.scalar_params(spec))
+        return tuple(out)
+
+    def scalar_params(self, spec: ScalarSpec) -> ScalarSpec:
+        scalar = SCALARS[spec.name]
+        allowed = [p.name for p in scalar.params]
+        given = dict(spec.params)
+        for key, value in spec.params:
+            param = scalar.param(key)
+            if param is None:
+                known = f" (it takes {', '.join(allowed)})" if allowed else " (it takes none)"
+                raise self.fail(f"unknown parameter '{key}' for {spec.name}{known}", rf"\b{key}\b",
+                                nearest(key, allowed))
+            if value not in param.choices or isinstance(value, bool):
+                choices = " or ".join(str(v) for v in param.choices)
+                raise self.fail(f"{spec.name}({key}={value}): {key} must be {choices}", rf"\b{key}\b")
+        params = tuple((p.name, given.get(p.name, p.default)) for p in scalar.params)
+        return spec.model_copy(update={"params": params})
+
+    def loaded_latents(self) -> tuple[str, ...]:
+        return tuple(c for c in LATENTS if c in self.sae_layers)
+
+    def components(self, query: NodeQuery, names: Sequence[str]) -> tuple[str, ...]:
         if not query.components:
             return self.default_components(names)
-        written_as: dict[str, str] = {}  # bound component -> the name the user wrote
+        written_as: dict[str, str] = {}  # component -> the name the user wrote
         for written in query.components:
             for component in self.expand_component(written):
                 written_as.setdefault(component, written)
         for name in names:
             for component, written in written_as.items():
-                if component not in APPLIES_TO[name]:
+                if not catalog.applies(name, component):
                     raise self.fail(
-                        f"{name} is not defined for {component} ({COMPONENT_WORDS[component]}); "
-                        f"it applies to {', '.join(APPLIES_TO[name])}",
+                        f"{name} is not defined for {component} ({COMPONENTS[component].words}); "
+                        f"it applies to {', '.join(SCALARS[name].applies_to)}",
                         rf"\bof\b.*?(?P<at>\b{written}\b)",
                     )
         return tuple(written_as)
 
     def default_components(self, names: Sequence[str]) -> tuple[str, ...]:
-        loaded = self.loaded_sae_components()
-        candidates = DEFAULT_COMPONENTS + loaded
-        chosen = tuple(c for c in candidates if all(c in APPLIES_TO[n] for n in names))
-        if chosen:
-            return chosen
-        available = DEFAULT_COMPONENTS + loaded + ("head", "embed")
-        chosen = tuple(c for c in available if all(c in APPLIES_TO[n] for n in names))
-        if chosen:
-            return chosen
+        """mlp, attn and the loaded latents where every scalar applies; failing that, the
+        components where they all do (token_attribution: embed)."""
+        loaded = self.loaded_latents()
+        errors = tuple(COMPONENTS[c].error for c in loaded)
+        for candidates in (catalog.DEFAULT_COMPONENTS + loaded,
+                           catalog.DEFAULT_COMPONENTS + loaded + ("head", "embed") + errors):
+            chosen = tuple(c for c in candidates if all(catalog.applies(n, c) for n in names))
+            if chosen:
+                return chosen
         for name in names:
-            if not loaded and set(APPLIES_TO[name]) <= set(_LATENTS):
+            if not loaded and set(SCALARS[name].applies_to) <= set(LATENTS + catalog.SAE_ERRORS):
                 raise self.fail(f"{name} needs an autoencoder: load one with `sae mlp from 'path'`", rf"\b{name}\b")
         raise self.fail(
             f"the scalars {', '.join(names)} have no component in common; split them into two queries",
@@ -209,40 +297,29 @@ class _Binder:
         )
 
     def expand_component(self, component: str) -> list[str]:
-        if component == "sae":
-            loaded = self.loaded_sae_components()
+        if component == catalog.SAE_WORD:
+            loaded = self.loaded_latents()
             if not loaded:
                 raise self.fail("no autoencoder is loaded: load one with `sae mlp from 'path'`", r"\bsae\b")
             return list(loaded)
-        if component in _LATENTS and component not in self.sae_layers:
-            site = component.removesuffix("_sae")
+        site = COMPONENTS[component].site
+        if site is not None and catalog.latent_component(site) not in self.sae_layers:
             raise self.fail(
                 f"no autoencoder is loaded at {site}: load one with `sae {site} from 'path'`", rf"\b{component}\b"
             )
         return [component]
 
-    def check_params(self, query: NodeQuery) -> None:
-        for spec in query.scalars:
-            allowed = SCALAR_PARAMS.get(spec.name, {})
-            for key, value in spec.params:
-                if key not in allowed:
-                    known = f" (it takes {', '.join(allowed)})" if allowed else " (it takes none)"
-                    suggestion = _nearest(key, allowed)
-                    raise self.fail(f"unknown parameter '{key}' for {spec.name}{known}", rf"\b{key}\b", suggestion)
-                if value not in allowed[key]:
-                    choices = " or ".join(str(v) for v in allowed[key])
-                    raise self.fail(f"{spec.name}({key}={value}): {key} must be {choices}", rf"\b{key}\b")
-
     # --- where ---
 
-    def condition(self, cond: Condition, allowed: Sequence[str], components: Sequence[str], scalars: set[str]):
+    def condition(self, cond: Condition, allowed: Sequence[str], components: Sequence[str],
+                  scalars: Sequence[str]) -> Condition:
         near = rf"\bwhere\b.*?(?P<at>\b{re.escape(cond.field)}\b)"
         if cond.field not in allowed:
             raise self.fail(
-                f"unknown field '{cond.field}' (fields: {', '.join(allowed)})", near, _nearest(cond.field, allowed)
+                f"unknown field '{cond.field}' (fields: {', '.join(allowed)})", near, nearest(cond.field, allowed)
             )
         if cond.field in scalars:
-            if not isinstance(cond.value, (int, float)) or cond.op == "in":
+            if not isinstance(cond.value, (int, float)) or isinstance(cond.value, bool) or cond.op == "in":
                 raise self.fail(f"{cond.field} is compared with a number, e.g. {cond.field} > 0", near)
             return cond
         if cond.field == "component":
@@ -259,7 +336,7 @@ class _Binder:
         if cond.value not in components:
             raise self.fail(
                 f"component '{cond.value}' is not in this query (components: {', '.join(components)})",
-                near, _nearest(cond.value, components),
+                near, nearest(cond.value, components),
             )
         return cond
 
@@ -277,13 +354,14 @@ class _Binder:
             self.in_range(value, limit, f"unit {value}", f"the largest component here has {limit} units", near)
 
     def unit_count(self, component: str) -> int:
-        if component in ("attn", "head"):
+        unit = COMPONENTS[component].unit
+        if unit == "head":
             return self.info.n_heads
-        if component in _LATENTS:
+        if unit == "latent":
             return max(self.sae_layers.get(component, {0: 0}).values())
-        if component == "embed":
-            return 1
-        return self.info.d_mlp
+        if unit == "neuron":
+            return self.info.d_mlp
+        return 1
 
     # --- ranges ---
 
@@ -313,7 +391,7 @@ class _Binder:
     def node_ref(self, node: NodeRef) -> NodeRef:
         near = rf"(\b{node.component}|blocks\.{node.layer}\.)"
         component = node.component
-        if component == "sae":
+        if component == catalog.SAE_WORD:
             component = self.resolve_sae(node, near)
         self.layer(node.layer, near)
         if node.index is None:  # resid[L], block[L], or a whole sublayer write mlp[L] / attn[L]
@@ -323,7 +401,7 @@ class _Binder:
             self.in_range(node.index, limit, f"neuron {node.index}", f"MLP layers have {limit} neurons", near)
         elif component == "attn":
             self.in_range(node.index, self.info.n_heads, f"head {node.index}", f"the model has {self.info.n_heads} heads", near)
-        elif component in _LATENTS:
+        elif component in LATENTS:
             self.latent(component, node, near)
         for token in (node.token, node.key):
             if token is not None:
@@ -333,7 +411,7 @@ class _Binder:
         return node if component == node.component else node.model_copy(update={"component": component})
 
     def resolve_sae(self, node: NodeRef, near: str) -> str:
-        loaded = [c for c in self.loaded_sae_components() if node.layer in self.sae_layers[c]]
+        loaded = [c for c in self.loaded_latents() if node.layer in self.sae_layers[c]]
         if len(loaded) == 1:
             return loaded[0]
         if not loaded:
@@ -342,7 +420,7 @@ class _Binder:
         raise self.fail(f"sae[{node.layer},{node.index}] is ambiguous: write {written}", near)
 
     def latent(self, component: str, node: NodeRef, near: str) -> None:
-        site = component.removesuffix("_sae")
+        site = COMPONENTS[component].site
         layers = self.sae_layers.get(component, {})
         if node.layer not in layers:
             have = f" (loaded at layers {', '.join(map(str, sorted(layers)))})" if layers else ""
@@ -351,18 +429,21 @@ class _Binder:
         self.in_range(node.index, n, f"latent {node.index}", f"the {site} autoencoder at layer {node.layer} has {n} latents", near)
 
     def ablation(self, ablation: Ablation) -> Ablation:
-        if ablation.node.component in ("resid", "block"):
+        if catalog.NODE_REFS[ablation.node.component] == "none":
             kind = ablation.node.component
             raise self.fail(f"{kind} cannot be ablated: ablate MLP neurons, attention heads or latents", rf"\b{kind}\b")
         return ablation.model_copy(update={"node": self.node_ref(ablation.node)})
 
     def trace(self, trace: Trace) -> Trace:
         node = trace.node
-        if node.component in ("resid", "block"):
+        if catalog.NODE_REFS[node.component] == "none":
             raise self.fail(f"trace takes an MLP neuron, an attention head or a latent, not {node.component}", r"\btrace\b")
         if node.token is None:
             written = f"{node.component}[{node.layer},{node.index}]@t"
             raise self.fail(f"trace needs a token position: write {written}", r"\btrace\b")
+        if node.component == "attn" and node.key is None and trace.via != "v":
+            raise self.fail(f"trace of an attention head needs a key token: attn[{node.layer},{node.index}]@t:u "
+                            "(or `via v` for its whole write)", r"\btrace\b")
         return trace.model_copy(update={"node": self.node_ref(node)})
 
     # --- losses and SQL ---
@@ -392,7 +473,7 @@ class _Binder:
                 listed = f" (tables: {', '.join(known)})" if known and len(known) <= 12 else ""
                 raise self.fail(
                     f"unknown table '{match.group(1)}'{listed}", rf"\b{re.escape(match.group(1))}\b",
-                    _nearest(name, known),
+                    nearest(name, known),
                 )
 
 
@@ -402,8 +483,3 @@ def _ints(value: object) -> tuple[object, ...]:
     if isinstance(value, tuple):
         return value
     return (value,)
-
-
-def _nearest(word: str, choices: Collection[str]) -> str | None:
-    found = difflib.get_close_matches(word.lower(), list(choices), n=1, cutoff=0.6)
-    return found[0] if found else None

@@ -49,7 +49,10 @@ class TdbqlError(Exception):
         return text
 
 
-NEAREST_CUTOFF = 0.6  # difflib similarity a "did you mean" suggestion needs
+# how every "needs a loss" error ends
+LOSS_HINT = "set one with `target \" Mary\" vs \" John\"`"
+
+NEAREST_CUTOFF = 0.65  # difflib similarity a "did you mean" suggestion needs
 
 
 def nearest(word: str, choices: Iterable[str]) -> str | None:

@@ -1,8 +1,8 @@
-"""The plan IR: the contract between grammar/, query/ and executor/.
+"""The plan IR: the contract between grammar/, the binder, executor/ and shell/.
 
 Every statement of the language parses to one frozen pydantic model below. Plans are immutable,
-hashable, and round-trip through JSON (`Statement` is a discriminated union on `kind`). This
-module imports nothing of ours.
+hashable, and round-trip through JSON (`Statement` is a discriminated union on `kind`). The
+closed sets of names come from the catalog; the binder (bind.py) checks a plan against a model.
 
 Conventions
 - Layers, heads, neurons and latents are 0-based. Token positions may be negative (from the end).
@@ -16,42 +16,25 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import catalog
+
 
 class Node(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-# --- names shared by grammar, binder and executor -------------------------------------------
+# --- the closed sets of names, typed from the catalog (catalog.py says what each means) ---------------
 
-# Kinds of node a query ranks. `attn` is one row per (query token, key token, head); `head` is
-# attention summed over keys, one row per (query token, head); `embed` is the token embedding.
-# `sae` is what a user writes for "the loaded autoencoders"; the binder replaces it by
-# mlp_sae/attn_sae/resid_sae, so bound plans never contain it.
-Component = Literal["mlp", "attn", "head", "mlp_sae", "attn_sae", "resid_sae", "embed", "resid", "sae"]
-NODE_COMPONENTS: tuple[str, ...] = ("mlp", "attn", "head", "mlp_sae", "attn_sae", "resid_sae", "embed")
-DEFAULT_COMPONENTS: tuple[str, ...] = ("mlp", "attn")
-
-# Where an autoencoder reads: MLP post-activations, the attention output, the residual stream.
-SaeSite = Literal["mlp", "attn", "resid"]
-
-SCALARS: tuple[str, ...] = (
-    "act",
-    "grad",
-    "act_times_grad",
-    "write_norm",
-    "direct_effect",
-    "contribution",
-    "token_attribution",
-    "sae_error",
-    "in_edge",
-    "attrib_patch",
-)
-
-# Fields a `where` clause may test on node rows (scalar names are allowed too, see Condition).
-NODE_FIELDS: tuple[str, ...] = ("layer", "token", "attended", "head", "unit", "prompt", "component")
-GROUP_KEYS: tuple[str, ...] = ("layer", "token", "prompt", "component")
-Reduction = Literal["mean", "sum", "max"]
-Dtype = Literal["fp32", "bf16", "fp16"]
+# `of` components: a bound plan holds the components whose rows the query computes (`sae` expanded
+# to the loaded latents, error rows added for sae_error); see catalog.row_components
+Component = Literal[catalog.WRITTEN_COMPONENTS]
+NodeKind = Literal[tuple(catalog.NODE_REFS)]  # mlp[L,N], attn[L,H], sae[L,I], resid[L], block[L], ...
+SaeSite = Literal[catalog.SAE_SITES]
+GroupKey = Literal[catalog.GROUP_KEYS]
+Reduction = Literal[catalog.REDUCTIONS]
+Dtype = Literal[catalog.DTYPES]
+TracePath = Literal[catalog.TRACE_PATHS]
+ResidualLocation = Literal[catalog.RESIDUAL_LOCATIONS]
 
 
 class Range(Node):
@@ -81,7 +64,7 @@ class NodeRef(Node):
     (resid.post - resid.pre). `token` None means every token.
     """
 
-    component: Literal["mlp", "attn", "mlp_sae", "attn_sae", "resid_sae", "resid", "sae", "block"]  # sae: unbound
+    component: NodeKind  # `sae` only before binding
     layer: int
     index: int | None = None
     token: int | None = None
@@ -111,7 +94,7 @@ class Trace(Node):
     restricted to the Q, K or V path."""
 
     node: NodeRef
-    via: Literal["q", "k", "qk", "v"] | None = None
+    via: TracePath | None = None
 
 
 class Loss(Node):
@@ -176,8 +159,8 @@ class NodeQuery(Node):
     ablate mlp[3,1024]=0 trace mlp[5,100]@7 over prompts mean as t`.
 
     mode `select` returns dense rows (k is None). The first scalar ranks; all are reported.
-    Empty `components` means the defaults for the session (DEFAULT_COMPONENTS plus SAE
-    components that are loaded).
+    Empty `components` (before binding) means the defaults for the session (the catalog's
+    DEFAULT_COMPONENTS plus the loaded autoencoders' latents).
     """
 
     kind: Literal["nodes"] = "nodes"
@@ -186,7 +169,7 @@ class NodeQuery(Node):
     scalars: tuple[ScalarSpec, ...]
     components: tuple[Component, ...] = ()
     where: tuple[Condition, ...] = ()
-    by: tuple[Literal["layer", "token", "prompt", "component"], ...] = ()
+    by: tuple[GroupKey, ...] = ()
     ablations: tuple[Ablation, ...] = ()
     trace: Trace | None = None
     over_prompts: Reduction | None = None
@@ -215,7 +198,7 @@ class LogitLensQuery(Node):
     k: int = 10
     where: tuple[Condition, ...] = ()
     use_ln_f: bool = True
-    at: Literal["resid.pre", "resid.mid", "resid.post"] = "resid.post"
+    at: ResidualLocation = "resid.post"
     ablations: tuple[Ablation, ...] = ()
     name: str | None = None
 
@@ -257,6 +240,16 @@ Query = Annotated[
     Union[NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery],
     Field(discriminator="kind"),
 ]
+
+
+class BoundQuery(Node):
+    """A model query the binder has checked against a model (query/bind.py), with its loss
+    resolved (the query's own target, else the session's): the only input the engine runs or
+    explains (`explain` True: the statement was `explain QUERY`); it does not check again."""
+
+    query: Query
+    loss: Loss | None = None
+    explain: bool = False
 
 
 class ExplainStmt(Node):

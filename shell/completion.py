@@ -15,16 +15,8 @@ from lark.exceptions import LarkError
 
 from ..grammar.parse import LITERALS, name_role, parser, tokens_before
 from ..grammar.split import DSL_QUERY_STARTS, DSL_STATEMENT_STARTS, SQL_KEYWORDS, split_statements
-from ..grammar.transform import (
-    DTYPES,
-    QUERY_COMPONENTS,
-    REDUCTIONS,
-    REF_COMPONENTS,
-    ROUTE_MODES,
-    SAE_SITES,
-    TRACE_PATHS,
-)
-from ..query.plan import GROUP_KEYS, NODE_FIELDS, SCALARS
+from ..query import catalog
+from ..query.catalog import SCALAR_NAMES
 from ..query.errors import TdbqlError
 
 _PARTIAL = re.compile(r"[A-Za-z0-9_]*$")
@@ -33,7 +25,6 @@ SQL_WORDS: tuple[str, ...] = (
     "select", "from", "where", "group", "by", "order", "limit", "join", "on", "as", "and", "or",
     "not", "having", "distinct", "count", "sum", "avg", "min", "max", "desc", "asc", "with",
 )
-_LOCATIONS = ("resid.pre", "resid.mid", "resid.post")
 # Clause keywords may appear once per query (a second one is an error), except these.
 _REPEATABLE = frozenset({"and", "vs", "in", "between", "mean", "token", "prompts"})
 
@@ -42,10 +33,10 @@ def complete(
     text: str,
     cursor: int,
     *,
-    scalars: Sequence[str] = SCALARS,
+    scalars: Sequence[str] = SCALAR_NAMES,
     tables: Iterable[str] = (),
     columns: Iterable[str] = (),
-    components: Sequence[str] = QUERY_COMPONENTS,
+    components: Sequence[str] = catalog.WRITTEN_COMPONENTS,
 ) -> list[str]:
     """Words that may replace the partial word before `cursor` (names first, then keywords)."""
     before = text[:cursor]
@@ -101,7 +92,7 @@ def _dsl_candidates(prefix: str, scalars: Sequence[str], components: Sequence[st
     if "NAME" in accepts:
         names = _names_for(name_role(tokens), tokens, scalars, components)
     if "LOCATION" in accepts:
-        names += _LOCATIONS
+        names += catalog.RESIDUAL_LOCATIONS
     used = {str(t).lower() for t in tokens[1:] if t.type in LITERALS}
     keywords = sorted(
         LITERALS[t].lower()
@@ -117,25 +108,26 @@ def _names_for(role: str | None, tokens: Sequence, scalars: Sequence[str], compo
         head = str(tokens[1]).lower()
     if role == "field":
         if head in ("logits", "logprobs"):
-            return ["token", "prompt"]
+            return list(catalog.QUERY_FIELDS["logits"])
         if head == "logit_lens":
-            return ["layer", "token", "prompt"]
-        return list(NODE_FIELDS) + list(scalars)
+            return list(catalog.QUERY_FIELDS["logit_lens"])
+        return list(catalog.NODE_FIELDS) + list(scalars)
     if role == "value":
         field = _last_field(tokens)
         return list(components) if field == "component" else []
     fixed = {
         "scalar": scalars,
         "component": components,
-        "group key": GROUP_KEYS,
-        "node kind": REF_COMPONENTS,
-        "trace path": TRACE_PATHS,
-        "reduction": REDUCTIONS,
-        "site": SAE_SITES,
-        "dtype": DTYPES,
+        "group key": catalog.GROUP_KEYS,
+        "node kind": tuple(catalog.NODE_REFS),
+        "trace path": catalog.TRACE_PATHS,
+        "reduction": catalog.REDUCTIONS,
+        "site": catalog.SAE_SITES,
+        "dtype": catalog.DTYPES,
         "switch": ("on", "off"),
-        "mode": ROUTE_MODES,
-        "parameter": ("norm",),
+        "mode": catalog.ROUTE_MODES,
+        "parameter": tuple(dict.fromkeys(p.name for s in catalog.SCALARS.values() for p in s.params)),
+        "setting": tuple(catalog.SETTINGS),
     }
     return list(fixed.get(role or "", ()))
 

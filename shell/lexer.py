@@ -1,7 +1,7 @@
 """Pygments lexer for tdbql and the SQL beside it (used by the REPL's highlighting).
 
 The DSL keywords come from the grammar (`tdbql.grammar.parse.KEYWORDS`), the scalar names from
-the plan (`SCALARS`), so highlighting cannot drift from the parser. SQL keywords come from
+the catalog (`query/catalog.py`), so highlighting cannot drift from the parser. SQL keywords come from
 pygments' PostgreSQL list (a superset of what DuckDB users type).
 """
 
@@ -14,9 +14,11 @@ from pygments.lexers._postgres_builtins import KEYWORDS as SQL_KEYWORDS
 from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation, String, Text, Whitespace
 
 from ..grammar.parse import KEYWORDS as DSL_KEYWORDS
-from ..query.plan import NODE_COMPONENTS, SCALARS
+from ..query import catalog
 
-NODE_WORDS = tuple(sorted(set(NODE_COMPONENTS) | {"sae", "resid", "block"}, key=len, reverse=True))
+SCALARS = catalog.SCALAR_NAMES
+
+NODE_WORDS = tuple(sorted(set(catalog.WRITTEN_COMPONENTS) | set(catalog.NODE_REFS), key=len, reverse=True))
 DSL_WORDS = tuple(sorted({k.lower() for k in DSL_KEYWORDS} - set(SCALARS), key=len, reverse=True))
 SQL_WORDS = tuple(sorted({k.lower() for k in SQL_KEYWORDS} - set(DSL_WORDS) - set(SCALARS), key=len, reverse=True))
 

@@ -20,22 +20,11 @@ import pyarrow as pa
 
 from ..grammar.split import split_statements
 from .format import DEFAULT_MAX_ROWS, FORMATS, format_table, render_result
-from ..query.plan import SCALARS
+from ..query import catalog
+from ..query.errors import nearest
 from ..query.errors import TdbqlError
 from .session import Session, describe_loss, describe_model, quote_ident, substitute_params
 
-SCALAR_HELP: dict[str, str] = {
-    "act": "activation: MLP post-activation, attention probability, autoencoder latent",
-    "grad": "gradient of the loss with respect to the activation",
-    "act_times_grad": "activation x gradient (first-order attribution)",
-    "write_norm": "activation x norm of what the node writes to the residual stream",
-    "direct_effect": "activation x (write . loss gradient at the final residual, ln_f frozen)",
-    "contribution": "LLM-TT proximity share of a node in the residual update",
-    "token_attribution": "embedding x gradient, per input token",
-    "sae_error": "norm and act x grad of an autoencoder's reconstruction error",
-    "in_edge": "effect of an upstream node's write on a traced node",
-    "attrib_patch": "(clean - corrupted activation) x corrupted gradient",
-}
 
 
 @dataclass
@@ -103,10 +92,7 @@ def parse_meta(line: str) -> tuple[MetaCommand, list[str]]:
     name, args = words[0].lower(), words[1:]
     command = REGISTRY.get(name)
     if command is None:
-        from difflib import get_close_matches
-
-        near = get_close_matches(name, list(REGISTRY), n=1)
-        raise TdbqlError(f"unknown command '{name}' (try .help)", suggestion=near[0] if near else None)
+        raise TdbqlError(f"unknown command '{name}' (try .help)", suggestion=nearest(name, REGISTRY))
     return command, args
 
 
@@ -217,11 +203,10 @@ def _expect(args: list[str], most: int, usage: str) -> None:
 def _on_off(args: list[str], current: bool, usage: str) -> bool:
     if not args:
         return not current
-    if args[0].lower() in ("on", "true", "1"):
-        return True
-    if args[0].lower() in ("off", "false", "0"):
-        return False
-    raise TdbqlError(f"expected on or off; usage: {usage}")
+    value = catalog.switch_value(args[0])
+    if value is None:
+        raise TdbqlError(f"expected on or off; usage: {usage}")
+    return value
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -383,7 +368,7 @@ def known_models() -> list[tuple[str, str]]:
 @meta_command(".scalars", ".scalars", "The scalar catalog.")
 def _scalars(state: ShellState, args: list[str]) -> str:
     _expect(args, 0, ".scalars")
-    return "\n".join(f"{name:<18} {SCALAR_HELP.get(name, '')}" for name in SCALARS)
+    return "\n".join(f"{s.name:<18} {s.help}; of {', '.join(s.applies_to)}" for s in catalog.SCALARS.values())
 
 
 @meta_command(".prompts", ".prompts", "The prompt set and the session target.")

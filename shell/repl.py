@@ -30,7 +30,7 @@ from .completion import complete
 from .format import ProgressBar
 from .lexer import TdbqlLexer
 from .meta import ShellState, emit, is_meta, run_script
-from ..query.plan import SCALARS
+from ..query.catalog import SCALAR_NAMES
 from ..query.errors import TdbqlError
 from .session import Session, render_error
 
@@ -118,7 +118,7 @@ class Catalog:
         self.columns = sorted({c for cols in self.session.columns().values() for c in cols})
 
     def __call__(self):
-        return SCALARS, self.tables, self.columns
+        return SCALAR_NAMES, self.tables, self.columns
 
 
 def key_bindings() -> KeyBindings:

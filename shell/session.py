@@ -11,7 +11,6 @@ model query), one table per model query (`as name`, else q1, q2, ...; routes giv
 
 from __future__ import annotations
 
-import difflib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from ..query.plan import (
+    BoundQuery,
     ExplainStmt,
     LogitLensQuery,
     LogitsQuery,
@@ -41,13 +41,13 @@ from ..query.plan import (
     TargetStmt,
     UpvotedQuery,
 )
+from ..query.bind import bind, bind_query, needs_model
 from ..query.context import ModelInfo, PromptRow
-from ..query.errors import TdbqlError
+from ..query.errors import TdbqlError, nearest
 from .prompts import prompt_rows, prompts_from_arrow, read_prompt_file, resolve_path
 
 ProgressFn = Callable[[int, int], None]
 MODEL_QUERIES = (NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery)
-UNBOUND_STATEMENTS = (ModelStmt, SetStmt, SqlStmt)
 
 SQL_ROW_RESULT_WORDS = frozenset(
     "select with from values table describe show summarize pivot unpivot pragma explain call".split()
@@ -91,8 +91,6 @@ class Settings:
     compile: bool = False  # node queries through torch.compile (executor/compiled.py)
 
 
-SETTING_NAMES: tuple[str, ...] = ("batch_size", "compile", "device", "dtype", "freeze_ln_f")
-DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
 
 class Session:
@@ -188,11 +186,14 @@ class Session:
         return self._loaded
 
     def _load(self, name: str, *, dtype: str | None = None, device: str | None = None) -> None:
-        """Load `name`; the settings change only once the model has loaded."""
+        """Load `name`; the settings change only once the model has loaded. The executor (and
+        torch) is imported here, on first use, so that a session of SQL alone starts fast."""
+        from ..executor.engine import use_threads_for
         from ..executor.runtime.loading import load_model
 
         dtype, device = dtype or self.settings.dtype, device or self.settings.device
         self._loaded = load_model(name, dtype=dtype, device=device)
+        use_threads_for(self._loaded)
         self.model_name, self.settings.dtype, self.settings.device = name, dtype, device
         if self.prompts:
             self._write_prompt_tables(self.prompts)
@@ -247,19 +248,30 @@ class Session:
     def run_statement(self, stmt, span: Span, text: str, *, source_name: str | None = None) -> StatementResult:
         """Bind one parsed statement and run it."""
         started = time.perf_counter()
-        if not isinstance(stmt, UNBOUND_STATEMENTS):
-            stmt = self._bind(stmt, span, text, source_name)
+        stmt = self._bind(stmt, span, text)
         stmt_text = text[span.start_pos:span.end_pos]
         result = self._dispatch(stmt, span, stmt_text, source_name)
         result.elapsed_ms = (time.perf_counter() - started) * 1000
         return result
 
-    def _bind(self, stmt, span: Span, text: str, source_name: str | None):
-        from ..query.bind import bind
-
+    def _bind(self, stmt, span: Span, text: str):
+        """The binder's checks (query/bind.py); model queries come back as a BoundQuery with the
+        loss they use, explain's query too."""
+        if not needs_model(stmt):
+            return bind(stmt, span, source=text)
         loaded = self.loaded
-        return bind(stmt, span, info=loaded.info(), tokenize=loaded.encode, tables=self.table_names(),
-                    source=text)
+        stmt = bind(stmt, span, info=loaded.info(), tokenize=loaded.encode, tables=self.table_names(), source=text)
+        if isinstance(stmt, ExplainStmt):
+            return self._bind_query(stmt.query, span, text, explain=True)
+        if isinstance(stmt, MODEL_QUERIES):
+            return self._bind_query(stmt, span, text)
+        return stmt
+
+    def _bind_query(self, query, span: Span, text: str, explain: bool = False) -> BoundQuery:
+        if not self.prompts:
+            raise TdbqlError('no prompts yet: add one with prompt "..." or prompts from \'file.jsonl\'')
+        return bind_query(query, span, session_loss=self.loss, source=text, explain=explain,
+                          prompts_have_targets=all(p.target for p in self.prompts))
 
     def _dispatch(self, stmt, span: Span, text: str, source_name: str | None) -> StatementResult:
         handlers = {
@@ -270,12 +282,12 @@ class Session:
             PromptsFromSql: self._run_prompts_sql,
             TargetStmt: self._run_target,
             SetStmt: self._run_set,
-            ExplainStmt: self._run_explain,
             SqlStmt: self._run_sql,
         }
         result = StatementResult(statement=stmt, span=span, text=text)
-        if isinstance(stmt, MODEL_QUERIES):
-            return self._run_query(stmt, result)
+        if isinstance(stmt, BoundQuery):
+            result.statement = stmt.query
+            return self._run_explain(stmt, result) if stmt.explain else self._run_query(stmt, result)
         return handlers[type(stmt)](stmt, result, source_name)
 
     # --- statements ------------------------------------------------------------------------
@@ -343,11 +355,8 @@ class Session:
         return result
 
     def _run_set(self, stmt: SetStmt, result: StatementResult, source_name) -> StatementResult:
-        name = stmt.name.lower()
-        if name not in SETTING_NAMES:
-            raise TdbqlError(f"unknown setting '{stmt.name}' (settings: {', '.join(SETTING_NAMES)})",
-                             suggestion=_nearest(name, SETTING_NAMES))
-        value = _setting_value(name, stmt.value)
+        """A bound `set` (query/bind.py checked the name and the value)."""
+        name, value = stmt.name, None if stmt.value == "auto" else stmt.value
         if name in ("device", "dtype") and self._loaded is not None:
             self._load(self.model_name, **{name: value})
         else:
@@ -355,8 +364,8 @@ class Session:
         result.message = f"{name} = {'auto' if value is None else value}"
         return result
 
-    def _run_explain(self, stmt: ExplainStmt, result: StatementResult, source_name) -> StatementResult:
-        result.message = self._engine().explain(stmt.query, self.prompts, self._loss_for(stmt.query))
+    def _run_explain(self, bound: BoundQuery, result: StatementResult) -> StatementResult:
+        result.message = self._engine().explain(bound, self.prompts)
         return result
 
     def _run_sql(self, stmt: SqlStmt, result: StatementResult, source_name) -> StatementResult:
@@ -393,16 +402,12 @@ class Session:
             self._engine_cache = (key, engine)
         return self._engine_cache[1]
 
-    def _loss_for(self, query) -> Loss | None:
-        return getattr(query, "target", None) or self.loss
-
-    def _run_query(self, query, result: StatementResult) -> StatementResult:
-        if not self.prompts:
-            raise TdbqlError('no prompts yet: add one with prompt "..." or prompts from \'file.jsonl\'')
+    def _run_query(self, bound: BoundQuery, result: StatementResult) -> StatementResult:
+        query = bound.query
         _check_result_name(query.name)
         started_at = datetime.now(timezone.utc).replace(tzinfo=None)
         t0 = time.perf_counter()
-        tables = self._engine().run(query, self.prompts, self._loss_for(query))
+        tables = self._engine().run(bound, self.prompts)
         elapsed_ms = (time.perf_counter() - t0) * 1000
         query_id = self._next_query_id()
         named = self._name_results(query, tables, query_id)
@@ -471,7 +476,7 @@ def substitute_params(text: str, params: dict[str, str]) -> str:
             line = text.count("\n", 0, match.start()) + 1
             column = match.start() - (text.rfind("\n", 0, match.start()) + 1) + 1
             raise TdbqlError(f"undefined parameter ${name} (define it with -D {name}=VALUE)", line=line,
-                             column=column, source=text, suggestion=_nearest(name, list(params)))
+                             column=column, source=text, suggestion=nearest(name, params))
         return str(params[name])
 
     return PARAM_PATTERN.sub(replace, text)
@@ -536,45 +541,12 @@ def _duckdb_message(exc: duckdb.Error) -> str:
     return str(exc).strip()
 
 
-def _nearest(name: str, choices) -> str | None:
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
-def _setting_value(name: str, value):
-    if name == "batch_size":
-        if isinstance(value, str) and value.lower() == "auto":
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise TdbqlError(f"batch_size must be a positive integer or 'auto', not {value!r}")
-        return value
-    if name in ("freeze_ln_f", "compile"):
-        return _on_off(value, name)
-    if name == "dtype":
-        if str(value) not in DTYPES:
-            raise TdbqlError(f"dtype must be one of {', '.join(DTYPES)}, not {value!r}",
-                             suggestion=_nearest(str(value), DTYPES))
-        return str(value)
-    return str(value)
-
-
 RESERVED_TABLES = frozenset({"prompts", "tokens", "queries", "_"})
 
 
 def _check_result_name(name: str | None) -> None:
     if name is not None and name.lower() in RESERVED_TABLES:
         raise TdbqlError(f"'{name}' is a session table; name the result something else")
-
-
-def _on_off(value, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in ("on", "true", "1", "yes"):
-        return True
-    if text in ("off", "false", "0", "no"):
-        return False
-    raise TdbqlError(f"{name} is on or off, not {value!r}")
 
 
 def _shown_table(named: dict[str, pa.Table]) -> tuple[str, pa.Table]:

@@ -14,12 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from .hooks import HookSet
-from ...query.context import PromptRow
 from ...query.errors import TdbqlError
+from .hooks import HookSet
+
+
+class PromptRow(Protocol):
+    """What batching reads of a prompt (the shell's prompt rows have more)."""
+
+    prompt_id: int
+    text: str
 
 DEFAULT_TOKEN_BUDGET = 4096  # padded tokens per batch for the passes that split by tokens
 
@@ -53,7 +60,7 @@ AddHooks = Callable[[HookSet, Batch], None]
 
 def encode_prompts(loaded, prompts: Sequence[PromptRow]) -> list[list[int]]:
     """Token ids per prompt; a TdbqlError for an empty prompt or one longer than n_ctx."""
-    n_ctx = loaded.info().n_ctx
+    n_ctx = loaded.config.n_ctx
     encoded = []
     for prompt in prompts:
         ids = loaded.encode(prompt.text)

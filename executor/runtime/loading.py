@@ -48,13 +48,14 @@ from tokenizers import Tokenizer
 
 from .autoencoder import Autoencoder, load_autoencoders
 from .model import ModelConfig, Transformer
+from ...query.catalog import DTYPES
 from ...query.context import ModelInfo
 from ...query.errors import TdbqlError
 
 DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default_model"
 DEFAULT_SAE_DIRS = (Path(__file__).parents[1] / "default_saes", DEFAULT_MODEL_DIR / "saes")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16)))  # the catalog's names
 
 # TransformerLens-style names -> hub ids (the models our architectures cover).
 REGISTRY_NAMES: dict[str, str] = {
@@ -142,9 +143,9 @@ class LoadedModel:
 
 
 def load_model(name: str = "default", *, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
-    if dtype not in DTYPES:
-        raise TdbqlError(f"unknown dtype {dtype!r} (fp32, bf16, fp16)")
-    torch_dtype = DTYPES[dtype]
+    if dtype not in TORCH_DTYPES:
+        raise TdbqlError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
+    torch_dtype = TORCH_DTYPES[dtype]
     torch_device = _device(device)
     folder = resolve_model_folder(name)
     config = config_from_hf(_read_json(folder / "config.json"), where=folder)

@@ -19,8 +19,8 @@ of shape (batch, token, 1) and pass it through the `ln1.scale` / `ln2.scale` / `
 before dividing by it, so a hook returning `scale.detach()` freezes the scale in the backward pass.
 
 Attention is computed eagerly (explicit logits and probabilities) for a layer that has a hook at
-`attn.logits` or `attn.probs`, and with fused `scaled_dot_product_attention` otherwise; set
-`Transformer.attn_impl` to "eager" or "sdpa" to force one. Where the fused kernel cannot run
+`attn.logits` or `attn.probs`, and with fused `scaled_dot_product_attention` otherwise; pass
+`attn_impl="eager"` or `"sdpa"` to a forward call to force one. Where the fused kernel cannot run
 (forward-mode AD, i.e. a JVP) the layer falls back to eager by itself.
 
 Batches are right-padded: real tokens first, `attention_mask[b, t]` True on real tokens,
@@ -37,13 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import NO_HOOKS, HookSet
+from ...query.catalog import SAE_SITES, TL_BLOCK_HOOKS, TL_GLOBAL_HOOKS
+from ...query.errors import nearest
+from .hooks import GLOBAL_LOCATIONS, LOCATIONS, NO_HOOKS, HookSet
 from ...query.errors import TdbqlError
 
 if TYPE_CHECKING:
     from .autoencoder import Autoencoder
 
-SAE_SITES = ("mlp", "attn", "resid")
+AttnImpl = Literal["auto", "eager", "sdpa"]
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish")
 
 
@@ -294,12 +296,12 @@ class _ForwardContext:
     """What every layer of one forward pass shares: hooks, mask, rotary tables."""
 
     def __init__(self, model: Transformer, input_ids: torch.Tensor, attention_mask, hooks: HookSet,
-                 padded: bool | None = None) -> None:
+                 padded: bool | None = None, attn_impl: AttnImpl = "auto") -> None:
         cfg = model.cfg
         B, T = input_ids.shape
         device = input_ids.device
         self.hooks = hooks
-        self.attn_impl = model.attn_impl
+        self.attn_impl = attn_impl
         dtype = model.embed.weight.dtype
         self.rotary = rotary_cos_sin(cfg, T, device, dtype) if cfg.positions == "rotary" else None
         if padded is None:  # (a compiled caller says so itself: reading the mask would break its graph)
@@ -339,7 +341,6 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.attn_impl: Literal["auto", "eager", "sdpa"] = "auto"
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model) if cfg.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
@@ -356,18 +357,20 @@ class Transformer(nn.Module):
         *,
         padded: bool | None = None,
         logit_positions: torch.Tensor | None = None,
+        attn_impl: AttnImpl = "auto",
     ) -> torch.Tensor:
         """input_ids (batch, token) -> logits (batch, token, vocab).
 
         `padded`: whether attention_mask hides any token (None: read it off the mask).
         `logit_positions` (batch,): unembed only that token of each row -> (batch, 1, vocab), for
         callers that read no other logits (the vocabulary matmul is the largest in small models).
+        `attn_impl`: "auto" (eager where probabilities are hooked), "eager" or "sdpa".
         """
         hooks = NO_HOOKS if hooks is None else hooks
         B, T = input_ids.shape
         if self.pos_embed is not None and T > self.cfg.n_ctx:
             raise TdbqlError(f"{T} tokens exceed the model's context of {self.cfg.n_ctx} positions")
-        ctx = _ForwardContext(self, input_ids, attention_mask, hooks, padded)
+        ctx = _ForwardContext(self, input_ids, attention_mask, hooks, padded, attn_impl)
         x = self.embed(input_ids)  # (batch, token, d_model)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(T, device=input_ids.device))
@@ -458,34 +461,7 @@ class Transformer(nn.Module):
         return w.reshape(n, self.cfg.d_head, self.cfg.d_model).transpose(1, 2)
 
 
-# --- TransformerLens hook names ----------------------------------------------------------------
-
-_TL_BLOCK_HOOKS = {
-    "hook_resid_pre": "resid.pre",
-    "hook_resid_mid": "resid.mid",
-    "hook_resid_post": "resid.post",
-    "hook_attn_out": "attn.out",
-    "hook_mlp_out": "mlp.out",
-    "ln1.hook_scale": "ln1.scale",
-    "ln2.hook_scale": "ln2.scale",
-    "attn.hook_q": "attn.q",  # ours are after rotary (TransformerLens' hook_rot_q)
-    "attn.hook_k": "attn.k",
-    "attn.hook_rot_q": "attn.q",
-    "attn.hook_rot_k": "attn.k",
-    "attn.hook_v": "attn.v",
-    "attn.hook_attn_scores": "attn.logits",
-    "attn.hook_pattern": "attn.probs",
-    "attn.hook_z": "attn.z",
-    "mlp.hook_pre": "mlp.pre",
-    "mlp.hook_post": "mlp.post",
-}
-_TL_GLOBAL_HOOKS = {
-    "hook_embed": "resid.embed",
-    "hook_pos_embed": "resid.embed",
-    "ln_final.hook_scale": "ln_f.scale",
-    "unembed.hook_out": "logits",
-    "logits": "logits",
-}
+# --- TransformerLens hook names (the table is the catalog's) ----------------------------------------
 
 
 def hook_alias(name: str) -> tuple[str, int | None]:
@@ -494,23 +470,18 @@ def hook_alias(name: str) -> tuple[str, int | None]:
     Also accepts our own names: 'blocks.5.mlp.post', 'resid.embed', 'ln_f.scale', 'logits'.
     hook_embed and hook_pos_embed both map to resid.embed (their sum). Raises ValueError.
     """
-    from .hooks import GLOBAL_LOCATIONS, LOCATIONS
-
-    if name in _TL_GLOBAL_HOOKS:
-        return _TL_GLOBAL_HOOKS[name], None
+    if name in TL_GLOBAL_HOOKS:
+        return TL_GLOBAL_HOOKS[name], None
     if name in GLOBAL_LOCATIONS:
         return name, None
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
         layer, rest = int(parts[1]), parts[2]
-        if rest in _TL_BLOCK_HOOKS:
-            return _TL_BLOCK_HOOKS[rest], layer
+        if rest in TL_BLOCK_HOOKS:
+            return TL_BLOCK_HOOKS[rest], layer
         if rest in LOCATIONS and rest not in GLOBAL_LOCATIONS:
             return rest, layer
     layer_text = parts[1] if len(parts) > 1 and parts[1].isdigit() else "0"
-    known = [*_TL_GLOBAL_HOOKS, *(f"blocks.{layer_text}.{k}" for k in _TL_BLOCK_HOOKS)]
-    import difflib
-
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    close = nearest(name, [*TL_GLOBAL_HOOKS, *(f"blocks.{layer_text}.{k}" for k in TL_BLOCK_HOOKS)])
+    hint = f"; did you mean {close!r}?" if close else ""
     raise ValueError(f"unknown hook name {name!r}{hint}")

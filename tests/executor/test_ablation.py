@@ -9,6 +9,7 @@ import torch
 from tdbql.executor.engine import Engine
 from tdbql.executor.runtime.hooks import HookSet
 from tdbql.query.plan import Ablation, Condition, LogitsQuery, NodeQuery, NodeRef, ScalarSpec
+from tests.executor.engine_helpers import run, explain
 
 from tests.executor.test_scalars import LOSS, Reference, engine_rows, prompts, random_sae
 
@@ -41,7 +42,7 @@ def manual(loaded, text, add):
 
 def check(loaded, ablations, add, texts=TEXTS):
     rows = prompts(texts)
-    logit_table = Engine(loaded, batch_size=2).run(LogitsQuery(k=5, ablations=ablations), rows)["result"].to_pylist()
+    logit_table = run(Engine(loaded, batch_size=2), LogitsQuery(k=5, ablations=ablations), rows)["result"].to_pylist()
     acts = engine_rows(loaded, NodeQuery(mode="select", scalars=(ScalarSpec(name="act"),), components=("mlp",),
                                          ablations=ablations), rows)
     changed = False
@@ -148,9 +149,9 @@ def test_mean_ablation_uses_the_prompt_set_mean(tiny_model):
         Ablation(node=NodeRef(component="attn", layer=1, index=h, token=-1), value="mean"),
     )
     check(loaded, ablations, add, texts)
-    explain = Engine(loaded).explain(NodeQuery(mode="topk", k=3, scalars=(ScalarSpec(name="act"),),
-                                               ablations=ablations), prompts(texts), LOSS)
-    assert "=mean" in explain and "whole prompt set" in explain
+    text = explain(Engine(loaded), NodeQuery(mode="topk", k=3, scalars=(ScalarSpec(name="act"),),
+                                            ablations=ablations), prompts(texts), LOSS)
+    assert "=mean" in text and "whole prompt set" in text
 
 
 def test_ablation_changes_gradients_like_a_hand_written_hook(tiny_model):

@@ -11,6 +11,7 @@ from tdbql.executor.engine import Engine
 from tdbql.query.plan import Ablation, NodeQuery, NodeRef, ScalarSpec
 from tdbql.query.errors import TdbqlError
 from tdbql.shell.session import Session
+from tests.executor.engine_helpers import run, explain, plan
 
 from tests.executor.test_scalars import (
     LOSS,
@@ -46,7 +47,7 @@ def test_compiled_scalars_equal_plain_autograd_on_a_padded_batch(compiled_gpt2):
     loaded, engine = compiled_gpt2
     rows = prompts()  # three prompts of different lengths: one right-padded batch
     components = ("mlp", "attn", "head", "embed")
-    got = _rows(engine.run(select(*SCALARS, components=components), rows, LOSS)["result"])
+    got = _rows(run(engine, select(*SCALARS, components=components), rows, LOSS)["result"])
     assert_matches(got, reference_table(loaded, rows), SCALARS, components)
 
 
@@ -57,7 +58,7 @@ def test_compiled_autoencoder_latents_equal_the_eager_engine(tiny_model):
     loaded.attach_sae("resid", cfg.n_layers - 1, random_sae("resid", cfg.n_layers - 1, cfg.d_model, 16, 3))
     rows = prompts()
     query = select("act", "grad", "act_times_grad", "sae_error", components=("mlp_sae", "resid_sae"))
-    got = _rows(Engine(loaded, batch_size=3, compile=True).run(query, rows, LOSS)["result"])
+    got = _rows(run(Engine(loaded, batch_size=3, compile=True), query, rows, LOSS)["result"])
     want = engine_rows(loaded, query, rows, batch_size=3)
     assert set(got) == set(want)
     for scalar in ("act", "grad", "act_times_grad", "sae_error"):
@@ -74,9 +75,9 @@ def test_a_repeated_query_reuses_the_compiled_graph(compiled_gpt2):
     _, engine = compiled_gpt2
     rows = prompts()
     query = NodeQuery(mode="topk", k=5, scalars=(ScalarSpec(name="act_times_grad"),))
-    first = engine.run(query, rows, LOSS)["result"]
+    first = run(engine, query, rows, LOSS)["result"]
     graphs = unique_graphs()
-    again = engine.run(query, rows, LOSS)["result"]
+    again = run(engine, query, rows, LOSS)["result"]
     assert unique_graphs() == graphs
     assert again.equals(first)
 
@@ -86,18 +87,18 @@ def test_plans_it_does_not_cover_run_eagerly(compiled_gpt2):
     rows = prompts()
     ablate = Ablation(node=NodeRef(component="mlp", layer=0, index=3), value=0.0)
     query = NodeQuery(mode="topk", k=5, scalars=(ScalarSpec(name="act_times_grad"),), ablations=(ablate,))
-    plan = engine.compile(query, rows, LOSS)
-    assert refusal(plan) == "ablation"
-    assert "execution: eager (compile does not cover a ablation)" in engine.explain(query, rows, LOSS)
+    node_plan = plan(engine, query, rows, LOSS)
+    assert refusal(node_plan) == "ablation"
+    assert "execution: eager (compile does not cover a ablation)" in explain(engine, query, rows, LOSS)
     graphs = unique_graphs()
-    got = engine.run(query, rows, LOSS)["result"]
+    got = run(engine, query, rows, LOSS)["result"]
     assert unique_graphs() == graphs
-    assert got.equals(Engine(loaded, batch_size=3).run(query, rows, LOSS)["result"])
+    assert got.equals(run(Engine(loaded, batch_size=3), query, rows, LOSS)["result"])
 
 
 def test_explain_names_the_compiled_path(compiled_gpt2):
     _, engine = compiled_gpt2
-    text = engine.explain(NodeQuery(mode="topk", k=5, scalars=(ScalarSpec(name="act_times_grad"),)), prompts(), LOSS)
+    text = explain(engine, NodeQuery(mode="topk", k=5, scalars=(ScalarSpec(name="act_times_grad"),)), prompts(), LOSS)
     assert "execution: torch.compile" in text and "zero probe" in text
     assert "requires_grad_()" not in text
 
@@ -113,7 +114,7 @@ def test_a_compiler_failure_is_a_tdbql_error_that_names_the_way_out(tiny_model, 
     engine = Engine(tiny_model("gpt2"), compile=True)
     query = NodeQuery(mode="topk", k=5, scalars=(ScalarSpec(name="act_times_grad"),))
     with pytest.raises(TdbqlError, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\); `set compile = off`"):
-        engine.run(query, prompts(), LOSS)
+        run(engine, query, prompts(), LOSS)
 
 
 def test_session_setting_switches_the_engine():

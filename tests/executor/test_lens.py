@@ -12,6 +12,7 @@ from tdbql.executor.runtime.hooks import HookSet
 from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, Range, UpvotedQuery
 from tdbql.query.context import PromptRow
 from tdbql.query.errors import TdbqlError
+from tests.executor.engine_helpers import bound
 
 PROMPTS = [
     PromptRow(prompt_id=0, text="When Mary and John went to the store, John gave"),
@@ -101,8 +102,6 @@ def test_lens_where_filters(tiny_model):
     n = len(loaded.encode(PROMPTS[1].text))
     assert {(r["prompt_id"], r["position"]) for r in rows} == {(5, n - 3), (5, n - 2)}
     assert {r["layer"] for r in rows} == {0, 1} and len(rows) == 2 * 2 * 2
-    with pytest.raises(TdbqlError, match="head"):
-        lens.logit_lens(loaded, LogitLensQuery(where=where(head=("=", 1))), PROMPTS)
 
 
 # --- upvoted tokens ---------------------------------------------------------------------------------
@@ -176,11 +175,11 @@ def test_upvoted_errors(tiny_model):
         (NodeRef(component="attn", layer=0, index=1, token=2, key=4), "after query"),
         (NodeRef(component="mlp_sae", layer=0, index=1), "autoencoder"),
     ]
-    for node, message in cases:
+    for node, message in cases:  # the binder refuses them before any forward pass
         with pytest.raises(TdbqlError, match=message):
-            lens.upvoted(loaded, UpvotedQuery(node=node), PROMPTS)
+            bound(loaded, UpvotedQuery(node=node))
     with pytest.raises(TdbqlError, match="raw"):
-        lens.upvoted(loaded, UpvotedQuery(node=NodeRef(component="attn", layer=0, index=1, token=2), raw=True), PROMPTS)
+        bound(loaded, UpvotedQuery(node=NodeRef(component="attn", layer=0, index=1, token=2), raw=True))
 
 
 def test_mlp_latent_upvoted_uses_the_decoder_row_in_the_residual_basis(tiny_model):

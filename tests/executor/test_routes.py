@@ -265,22 +265,6 @@ def test_reachable_matches_networkx_on_random_graphs(seed):
 # --- per-head maps ------------------------------------------------------------------------------------
 
 
-def test_attention_map_rows(tiny_model):
-    loaded = tiny_model("gpt2")
-    table = routes.attention_map(loaded, PROMPTS[:1], layer=1, heads=[2])
-    s = capture_layers(loaded, PROMPTS[0].text)[1]
-    c_attn = ref_layer(loaded, 1, s)[0]
-    rows = table.to_pylist()
-    T = c_attn.shape[0]
-    assert len(rows) == T * (T + 1) // 2
-    for r in rows:
-        assert r["head"] == 2 and r["attended"] <= r["position"]
-        assert r["prob"] == pytest.approx(float(s["attn.probs"][2, r["position"], r["attended"]]), abs=1e-6)
-        assert r["contribution"] == pytest.approx(float(c_attn[r["position"], r["attended"], 2]), abs=1e-5)
-    with pytest.raises(TdbqlError, match="head 9"):
-        routes.attention_map(loaded, PROMPTS[:1], layer=1, heads=[9])
-
-
 def test_contributions_see_the_hooks_the_engine_adds(tiny_model):
     """Head 1 of layer 0 ablated (probabilities zero at every query): its parts are zero, so each of
     its cells keeps exactly the EPS floor, EPS / denominator."""

@@ -19,6 +19,7 @@ from tdbql.executor.engine import Engine
 from tdbql.executor.runtime.hooks import HookSet
 from tdbql.query.plan import Loss, NodeQuery, ScalarSpec
 from tdbql.query.context import PromptRow
+from tests.executor.engine_helpers import run
 
 TEXTS = [
     "When Mary and John went to the store, John gave a drink to",
@@ -166,7 +167,7 @@ def _items(x: torch.Tensor):
 
 
 def engine_rows(loaded, query: NodeQuery, rows, loss=LOSS, batch_size=2) -> dict:
-    table = Engine(loaded, batch_size=batch_size).run(query, rows, loss)["result"]
+    table = run(Engine(loaded, batch_size=batch_size), query, rows, loss)["result"]
     out = {}
     for r in table.to_pylist():
         key = (r["prompt_id"], r["component"], r["layer"], r["unit"], r["position"], r["attended"])
@@ -258,7 +259,7 @@ def test_direct_effects_add_up_to_the_loss(tiny_model, arch):
     m = loaded.model
     rows = prompts()
     query = NodeQuery(mode="select", scalars=(ScalarSpec(name="direct_effect"),), components=("mlp", "attn", "embed"))
-    table = Engine(loaded, batch_size=3).run(query, rows, LOSS)["result"]
+    table = run(Engine(loaded, batch_size=3), query, rows, LOSS)["result"]
     total = defaultdict(float)
     for r in table.to_pylist():
         total[r["prompt_id"]] += r["direct_effect"]
@@ -282,7 +283,7 @@ def test_logits_and_logprobs_top_k(tiny_model):
 
     loaded = tiny_model("gpt2")
     rows = prompts()
-    table = Engine(loaded, batch_size=2).run(
+    table = run(Engine(loaded, batch_size=2), 
         LogitsQuery(k=4, where=(Condition(field="token", op="=", value=-1),)), rows
     )["result"]
     got = table.to_pylist()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tdbql.query.plan import NodeQuery, NodeRef, ScalarSpec, Trace
+from tests.executor.engine_helpers import run, explain
 
 from tests.executor.test_scalars import (
     LOSS,
@@ -160,8 +161,8 @@ def test_trace_via_v_needs_a_loss_and_explain_counts_the_extra_backward(tiny_mod
     trace = Trace(node=NodeRef(component="attn", layer=1, index=2, token=-1), via="v")
     query = NodeQuery(mode="topk", k=5, scalars=(ScalarSpec(name="act_times_grad"),), trace=trace)
     with pytest.raises(TdbqlError, match="via v .* loss"):
-        Engine(loaded).run(query, prompts(TEXTS), None)
-    text = Engine(loaded).explain(query, prompts(TEXTS), LOSS)
+        run(Engine(loaded), query, prompts(TEXTS), None)
+    text = explain(Engine(loaded), query, prompts(TEXTS), LOSS)
     assert "one extra backward a V trace costs" in text
     assert "summed over keys u <= t" in text
     for hook in ("attn.q[1]  detach", "attn.k[1]  detach", "ln1.scale[1]  detach", "ln_f.scale  detach"):
@@ -235,4 +236,4 @@ def test_in_edge_needs_a_trace(tiny_model):
 
     loaded = tiny_model("gpt2")
     with pytest.raises(TdbqlError, match="in_edge needs a traced node"):
-        Engine(loaded).run(NodeQuery(mode="topk", k=3, scalars=(ScalarSpec(name="in_edge"),)), prompts(TEXTS))
+        run(Engine(loaded), NodeQuery(mode="topk", k=3, scalars=(ScalarSpec(name="in_edge"),)), prompts(TEXTS))

@@ -53,7 +53,7 @@ BAD_LINES = [
     ("logits topk", 12, "unexpected end of statement; expected an integer", None),
     ("logits topk 3 topk 4", 20, "'topk' is given twice", None),
     ("logit_lens at resid.end", 15, "unexpected 'resid'; expected resid.pre, resid.mid or resid.post", None),
-    ("logit_lens ln_f maybe", 17, "unknown ln_f setting 'maybe' (one of on, off, true, false)", None),
+    ("logit_lens ln_f maybe", 17, "unknown ln_f setting 'maybe' (on or off)", None),
     ("upvoted mlp[1,2] topk 3 bottomk 2", 33, "give topk or bottomk, not both", None),
     ("upvoted blocks.1.mlp.hook_pots[3]", 9, "unknown hook name 'blocks.1.mlp.hook_pots'", "blocks.1.mlp.hook_post"),
     ("upvoted blocks.1.hook_resid_post[3]", 9, "blocks.1.hook_resid_post takes no index", None),

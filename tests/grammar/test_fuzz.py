@@ -18,7 +18,7 @@ from tests.grammar.lang_helpers import fake_tokenize, tiny_model_info
 
 from tdbql.grammar.parse import KEYWORDS, parse
 from tdbql.query.bind import bind
-from tdbql.query.plan import SCALARS
+from tdbql.query.catalog import SCALAR_NAMES as SCALARS
 from tdbql.query.errors import TdbqlError
 
 ROOT = Path(__file__).parents[2]

@@ -6,7 +6,7 @@ import typing
 
 from tdbql.grammar import transform
 from tdbql.grammar.parse import KEYWORDS, TOKEN_TYPES, parse, parser
-from tdbql.query import plan
+from tdbql.query import catalog, plan
 from tdbql.query.errors import TdbqlError
 
 
@@ -34,17 +34,28 @@ def test_keywords_are_lowercase_words_of_the_grammar():
     assert "act" not in KEYWORDS and "mlp" not in KEYWORDS  # open-class names are not keywords
 
 
-def test_name_lists_match_the_plan_literals():
-    components = literal_values(plan.Component)
-    assert set(transform.QUERY_COMPONENTS) == components - {"resid"}
-    ref_field = plan.NodeRef.model_fields["component"].annotation
-    assert set(transform.REF_COMPONENTS) == literal_values(ref_field)
-    assert set(transform.DTYPES) == literal_values(plan.Dtype)
-    assert set(transform.REDUCTIONS) == literal_values(plan.Reduction)
-    assert set(transform.SAE_SITES) == literal_values(plan.SaeSite)
-    via = plan.Trace.model_fields["via"].annotation
-    assert set(transform.TRACE_PATHS) == literal_values(typing.get_args(via)[0])
-    assert set(transform.HOOK_ALIASES.values()) <= set(transform.REF_COMPONENTS)
+def test_the_grammar_accepts_every_catalog_name():
+    for component in catalog.WRITTEN_COMPONENTS:
+        (stmt, _), = parse(f"topk 5 act of {component}")
+        assert stmt.components == (component,)
+    for scalar in catalog.SCALAR_NAMES:
+        assert parse(f"topk 5 {scalar}")[0][0].scalars[0].name == scalar
+    for reduction in catalog.REDUCTIONS:
+        assert parse(f"topk 5 act over prompts {reduction}")[0][0].over_prompts == reduction
+    for dtype in catalog.DTYPES:
+        assert parse(f"model default dtype = {dtype}")[0][0].dtype == dtype
+    for site in catalog.SAE_SITES:
+        assert parse(f"sae {site} from 'x'")[0][0].site == site
+    for path in catalog.TRACE_PATHS:
+        assert parse(f"topk 5 act trace attn[1,2]@3:1 via {path}")[0][0].trace.via == path
+
+
+def test_every_catalog_hook_name_is_a_node_reference():
+    for suffix in catalog.node_hook_names():
+        component, whole = catalog.hook_node(suffix)
+        text = f"upvoted blocks.1.{suffix}" + ("" if whole else "[2]")
+        node = parse(text)[0][0].node
+        assert (node.component, node.layer, node.index) == (component, 1, None if whole else 2)
 
 
 def test_keywords_are_case_insensitive_but_table_names_keep_their_case():

@@ -58,7 +58,7 @@ def test_default_components_are_mlp_attn_and_loaded_autoencoders():
 def test_default_components_follow_what_the_scalars_apply_to():
     assert bound("topk 5 contribution").components == ("mlp", "attn")
     assert bound("topk 5 token_attribution").components == ("embed",)
-    assert bound("topk 5 sae_error").components == ("mlp_sae",)
+    assert bound("topk 5 sae_error").components == ("mlp_sae", "mlp_sae_error")
 
 
 def test_sae_component_expands_to_the_loaded_sites():
@@ -80,7 +80,7 @@ def test_binding_is_idempotent():
 
 
 def test_statements_without_model_names_pass_through():
-    for text in ("model gpt2-small", "sae mlp from 'x'", "prompt 'a'", "set a = 1", "prompts from 'x.jsonl'"):
+    for text in ("model gpt2-small", "sae mlp from 'x'", "prompt 'a'", "set batch_size = 1", "prompts from 'x.jsonl'"):
         assert bound(text) == parse(text)[0][0]
     assert bound("select * from nowhere") == SqlStmt(text="select * from nowhere")
 

@@ -63,15 +63,16 @@ def test_session_result_is_what_the_engine_computes(session):
     """The session adds nothing and loses nothing between the engine and DuckDB."""
     from tdbql.executor.engine import Engine
     from tdbql.grammar.parse import parse
-    from tdbql.query.bind import bind
+    from tdbql.query.bind import bind, bind_query
 
     session.execute(f'prompt "{IOI}"\ntarget " Mary" vs " John"')
     text = "topk 7 act_times_grad, act of mlp where layer = 1"
     [result] = session.execute(text)
     [(stmt, span)] = parse(text)
     loaded = session.loaded
-    bound = bind(stmt, span, info=loaded.info(), tokenize=loaded.encode, tables=session.table_names(), source=text)
-    direct = Engine(loaded).run(bound, session.prompts, session.loss)["result"]
+    query = bind(stmt, span, info=loaded.info(), tokenize=loaded.encode, tables=session.table_names(), source=text)
+    bound = bind_query(query, span, session_loss=session.loss, prompts_have_targets=False)
+    direct = Engine(loaded).run(bound, session.prompts)["result"]
     assert session.con.sql("SELECT * FROM q1").to_arrow_table().equals(direct)
 
 

@@ -96,9 +96,7 @@ def test_sdpa_equals_eager_with_padding(arch, tiny_model):
     logits = {}
     with torch.no_grad():
         for impl in ("eager", "sdpa"):
-            loaded.model.attn_impl = impl
-            logits[impl] = loaded.model(ids, attention_mask=mask)
-    loaded.model.attn_impl = "auto"
+            logits[impl] = loaded.model(ids, attention_mask=mask, attn_impl=impl)
     torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-5, rtol=0)
 
 

@@ -1,0 +1,266 @@
+"""The catalog: every name the language knows and what it means, in one place.
+
+Scalars (which components each applies to, their parameters, their help text, what they need),
+components (the kinds of node a row describes), node references, `where` fields, group keys,
+reductions, dtypes, switches, settings and the TransformerLens hook names tdbql accepts. The
+grammar, the binder, the executor's derivers, completion, highlighting, `.scalars`, `explain` and
+the docs table all read it here (tests hold each of them to it). This module imports nothing of
+ours.
+
+Adding a scalar is one `ScalarDef` below and one deriver in executor/scalars.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- components: the kinds of node a result row describes (its `component` column) -----------------
+
+
+@dataclass(frozen=True)
+class ComponentDef:
+    """A kind of node. `unit` names what the row's `unit` column counts (None: one node per
+    token); `keys` rows are per (query token, key token); `site` is an autoencoder's site;
+    `error` is, for a latent component, the component of its reconstruction error's rows."""
+
+    name: str
+    words: str
+    unit: str | None
+    keys: bool = False
+    site: str | None = None
+    error: str | None = None
+
+    @property
+    def layered(self) -> bool:
+        return self.name != "embed"
+
+
+_COMPONENT_LIST = (
+    ComponentDef("embed", "token embeddings", None),
+    ComponentDef("attn", "attention heads", "head", keys=True),
+    ComponentDef("head", "attention heads (summed over keys)", "head"),
+    ComponentDef("mlp", "MLP neurons", "neuron"),
+    ComponentDef("attn_sae", "attention autoencoder latents", "latent", site="attn", error="attn_sae_error"),
+    ComponentDef("attn_sae_error", "attention autoencoder reconstruction errors", None, site="attn"),
+    ComponentDef("mlp_sae", "MLP autoencoder latents", "latent", site="mlp", error="mlp_sae_error"),
+    ComponentDef("mlp_sae_error", "MLP autoencoder reconstruction errors", None, site="mlp"),
+    ComponentDef("resid_sae", "residual autoencoder latents", "latent", site="resid", error="resid_sae_error"),
+    ComponentDef("resid_sae_error", "residual autoencoder reconstruction errors", None, site="resid"),
+)
+COMPONENTS: dict[str, ComponentDef] = {c.name: c for c in _COMPONENT_LIST}
+COMPONENT_NAMES: tuple[str, ...] = tuple(COMPONENTS)
+SAE_SITES: tuple[str, ...] = ("mlp", "attn", "resid")
+LATENTS: tuple[str, ...] = tuple(f"{site}_sae" for site in SAE_SITES)
+SAE_ERRORS: tuple[str, ...] = tuple(COMPONENTS[c].error for c in LATENTS)
+# `sae` in `of` stands for every loaded autoencoder's latents; the binder expands it
+SAE_WORD = "sae"
+WRITTEN_COMPONENTS: tuple[str, ...] = ("mlp", "attn", "head", SAE_WORD, *LATENTS, "embed", *SAE_ERRORS)
+# a node query without `of`: these, plus every loaded autoencoder's latents
+DEFAULT_COMPONENTS: tuple[str, ...] = ("mlp", "attn")
+
+
+def latent_component(site: str) -> str:
+    return f"{site}_sae"
+
+
+# --- node references: mlp[L,N], attn[L,H]@t:u, sae[L,I], resid[L], block[L] --------------------------
+
+# how each reference takes an index: "required", "optional" (the whole sublayer's write when left
+# out; only `upvoted` takes that) or "none" (a layer only)
+NODE_REFS: dict[str, str] = {
+    "mlp": "optional",
+    "attn": "optional",
+    SAE_WORD: "required",
+    **{name: "required" for name in LATENTS},
+    "resid": "none",
+    "block": "none",
+}
+
+# --- scalars ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """A scalar parameter: `contribution(norm=2)`."""
+
+    name: str
+    choices: tuple[int | float | str, ...]
+    default: int | float | str
+
+
+@dataclass(frozen=True)
+class ScalarDef:
+    """A scalar: its meaning in one line, the components it is defined for, its parameters.
+
+    `gradient`: it reads a gradient of the objective (the loss, or a traced node), so a query
+    without a trace needs a loss. `needs_trace`: defined only under `trace`. `pairs`: reads the
+    prompt set as (clean, corrupted) pairs."""
+
+    name: str
+    help: str
+    applies_to: tuple[str, ...]
+    params: tuple[Param, ...] = ()
+    gradient: bool = False
+    needs_trace: bool = False
+    pairs: bool = False
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+_NODES = ("mlp", "attn", "head", *LATENTS)
+_EVERY = (*_NODES, "embed", *SAE_ERRORS)
+
+_SCALAR_LIST = (
+    ScalarDef("act", "activation: MLP post-activation, attention probability, autoencoder latent (1 for "
+              "vector nodes)", _EVERY),
+    ScalarDef("grad", "gradient of the loss with respect to the activation", _EVERY, gradient=True),
+    ScalarDef("act_times_grad", "activation x gradient (first-order attribution)", _EVERY, gradient=True),
+    ScalarDef("write_norm", "activation x norm of what the node writes to the residual stream", _EVERY),
+    ScalarDef("direct_effect", "activation x (write . loss gradient at the final residual, ln_f frozen)", _EVERY,
+              gradient=True),
+    ScalarDef("contribution", "LLM-TT proximity share of a node in the residual update", ("mlp", "attn", "head"),
+              params=(Param("norm", (1, 2), 1),)),
+    ScalarDef("token_attribution", "embedding x gradient, per input token", ("embed",), gradient=True),
+    ScalarDef("sae_error", "norm of an autoencoder's reconstruction error, one row per token", SAE_ERRORS),
+    ScalarDef("in_edge", "effect of a node's write on the traced node (upstream) or of the traced node's "
+              "write on a node (downstream)", ("mlp", "attn", *LATENTS, "embed"), gradient=True,
+              needs_trace=True),
+    ScalarDef("attrib_patch", "(clean - corrupted activation) x corrupted gradient, over prompt pairs", _EVERY,
+              gradient=True, pairs=True),
+)
+SCALARS: dict[str, ScalarDef] = {s.name: s for s in _SCALAR_LIST}
+SCALAR_NAMES: tuple[str, ...] = tuple(SCALARS)
+
+
+def applies(scalar: str, component: str) -> bool:
+    """Whether `scalar` is defined for rows of `component`, or for its reconstruction error's rows
+    (`sae_error of mlp_sae` reports the mlp_sae_error rows)."""
+    applies_to = SCALARS[scalar].applies_to
+    error = COMPONENTS[component].error
+    return component in applies_to or (error is not None and error in applies_to)
+
+
+def row_components(scalars: tuple[str, ...], components: tuple[str, ...]) -> tuple[str, ...]:
+    """The components whose rows a query computes: the named ones, plus a latent component's
+    error rows when a scalar is defined on those and not on the latents (sae_error)."""
+    rows = list(components)
+    for component in components:
+        error = COMPONENTS[component].error
+        if error and any(error in SCALARS[s].applies_to and component not in SCALARS[s].applies_to
+                         for s in scalars):
+            rows.append(error)
+    return tuple(dict.fromkeys(rows))
+
+
+# --- where fields, grouping, reductions ------------------------------------------------------------
+
+NODE_FIELDS: tuple[str, ...] = ("layer", "token", "attended", "head", "unit", "prompt", "component")
+# the fields each query kind's `where` may test (node queries: also any scalar of the query)
+QUERY_FIELDS: dict[str, tuple[str, ...]] = {
+    "nodes": NODE_FIELDS,
+    "logits": ("token", "prompt"),
+    "logit_lens": ("layer", "token", "prompt"),
+}
+GROUP_KEYS: tuple[str, ...] = ("layer", "token", "prompt", "component")
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "max")
+TRACE_PATHS: tuple[str, ...] = ("q", "k", "qk", "v")
+ROUTE_MODES: tuple[str, ...] = ("cell", "edge")
+ROUTE_NORMS: tuple[int, ...] = (1, 2)
+RESIDUAL_LOCATIONS: tuple[str, ...] = ("resid.pre", "resid.mid", "resid.post")  # logit_lens `at`
+
+# --- dtypes, switches, settings ----------------------------------------------------------------------
+
+DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+SWITCHES: dict[str, bool] = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False,
+                             "1": True, "0": False}
+
+
+def switch_value(word: object) -> bool | None:
+    """on/off (true/false, yes/no, 1/0) as a bool; None when `word` is none of them."""
+    if isinstance(word, bool):
+        return word
+    return SWITCHES.get(str(word).lower())
+
+
+@dataclass(frozen=True)
+class SettingDef:
+    """`set NAME = VALUE`. kind: "switch" (on/off), "choice" (one of `choices`), "count" (a
+    positive integer or `auto`, stored as None), "text"."""
+
+    name: str
+    kind: str
+    help: str
+    choices: tuple[str, ...] = ()
+
+
+_SETTING_LIST = (
+    SettingDef("batch_size", "count", "prompts per batch (auto: what the memory budget allows)"),
+    SettingDef("compile", "switch", "run plain node queries through torch.compile"),
+    SettingDef("device", "text", "torch device of the model (cpu, cuda, cuda:1)"),
+    SettingDef("dtype", "choice", "the model's dtype", DTYPES),
+    SettingDef("freeze_ln_f", "switch", "detach the final norm's scale in backward passes (TDB's choice)"),
+)
+SETTINGS: dict[str, SettingDef] = {s.name: s for s in _SETTING_LIST}
+
+# --- TransformerLens / SAELens hook names ------------------------------------------------------------
+
+# `blocks.{L}.<suffix>` -> tdbql's hook location (ours are after rotary, like TL's hook_rot_q/k)
+TL_BLOCK_HOOKS: dict[str, str] = {
+    "hook_resid_pre": "resid.pre",
+    "hook_resid_mid": "resid.mid",
+    "hook_resid_post": "resid.post",
+    "hook_attn_out": "attn.out",
+    "hook_mlp_out": "mlp.out",
+    "ln1.hook_scale": "ln1.scale",
+    "ln2.hook_scale": "ln2.scale",
+    "attn.hook_q": "attn.q",
+    "attn.hook_k": "attn.k",
+    "attn.hook_rot_q": "attn.q",
+    "attn.hook_rot_k": "attn.k",
+    "attn.hook_v": "attn.v",
+    "attn.hook_attn_scores": "attn.logits",
+    "attn.hook_pattern": "attn.probs",
+    "attn.hook_z": "attn.z",
+    "mlp.hook_pre": "mlp.pre",
+    "mlp.hook_post": "mlp.post",
+}
+TL_GLOBAL_HOOKS: dict[str, str] = {
+    "hook_embed": "resid.embed",
+    "hook_pos_embed": "resid.embed",
+    "ln_final.hook_scale": "ln_f.scale",
+    "unembed.hook_out": "logits",
+    "logits": "logits",
+}
+# hook locations a node reference may name, and the node they index; "whole" ones are a whole
+# sublayer's write (no index)
+LOCATION_NODES: dict[str, tuple[str, bool]] = {
+    "mlp.post": ("mlp", False),
+    "attn.probs": ("attn", False),
+    "attn.z": ("attn", False),
+    "mlp.out": ("mlp", True),
+    "attn.out": ("attn", True),
+    "resid.post": ("resid", True),
+}
+# SAELens names an autoencoder's latents `<hook it reads>.hook_sae_acts_post`
+SAE_ACTS_SUFFIX = ".hook_sae_acts_post"
+LOCATION_SAE_SITES: dict[str, str] = {"mlp.post": "mlp", "mlp.out": "mlp", "attn.z": "attn", "attn.out": "attn",
+                                      "resid.post": "resid"}
+
+
+def hook_node(suffix: str) -> tuple[str, bool] | None:
+    """`mlp.hook_post` -> ("mlp", False); `hook_mlp_out` -> ("mlp", True) (a whole write);
+    `hook_resid_post.hook_sae_acts_post` -> ("resid_sae", False); None for other names."""
+    suffix = suffix.lower()
+    if suffix.endswith(SAE_ACTS_SUFFIX):
+        site = LOCATION_SAE_SITES.get(TL_BLOCK_HOOKS.get(suffix.removesuffix(SAE_ACTS_SUFFIX), ""))
+        return (latent_component(site), False) if site else None
+    return LOCATION_NODES.get(TL_BLOCK_HOOKS.get(suffix, ""))
+
+
+def node_hook_names() -> tuple[str, ...]:
+    """Every hook suffix `hook_node` accepts (for "did you mean")."""
+    plain = [s for s, loc in TL_BLOCK_HOOKS.items() if loc in LOCATION_NODES]
+    saes = [s + SAE_ACTS_SUFFIX for s, loc in TL_BLOCK_HOOKS.items() if loc in LOCATION_SAE_SITES]
+    return (*plain, *saes)
