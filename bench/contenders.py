@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from tdbql.executor.runtime.loading import TORCH_DTYPES
 
 REPO = Path(__file__).resolve().parents[1]

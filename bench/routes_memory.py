@@ -25,13 +25,12 @@ import tracemalloc
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-
+from tdbql.executor.routes import routes
 from tdbql.executor.runtime.loading import LoadedModel
 from tdbql.executor.runtime.model import ModelConfig, Transformer
-from tdbql.executor.routes import routes
 from tdbql.query.context import PromptRow
 from tdbql.query.plan import RoutesQuery
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 GIB = 1024**3
 

@@ -20,12 +20,12 @@ from collections.abc import Callable
 import torch
 from torch.autograd import forward_ad as fwAD
 
+from ..query.errors import TdbqlError
 from .ablation import add_ablations
 from .contrib import ContributionCapture, LayerContributions
 from .keys import keys_up_to
 from .losses import prompt_losses
 from .physical import NodePlan, TraceSpec
-from ..query.errors import TdbqlError
 from .runtime.batching import Batch, resolve_tokens
 from .runtime.hooks import HookSet
 from .scalars import Raw

@@ -169,6 +169,26 @@ ROUTE_MODES: tuple[str, ...] = ("cell", "edge")
 ROUTE_NORMS: tuple[int, ...] = (1, 2)
 RESIDUAL_LOCATIONS: tuple[str, ...] = ("resid.pre", "resid.mid", "resid.post")  # logit_lens `at`
 
+# --- models by name ----------------------------------------------------------------------------------
+
+# `model NAME`: TransformerLens-style names -> Hugging Face hub ids (the architectures tdbql runs)
+REGISTRY_NAMES: dict[str, str] = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+    **{f"pythia-{s}": f"EleutherAI/pythia-{s}" for s in ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b")},
+    **{f"pythia-{s}-deduped": f"EleutherAI/pythia-{s}-deduped" for s in ("70m", "160m", "410m", "1b", "1.4b")},
+    "qwen2-0.5b": "Qwen/Qwen2-0.5B",
+    "qwen2-1.5b": "Qwen/Qwen2-1.5B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "tinyllama": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+}
+
 # --- dtypes, switches, settings ----------------------------------------------------------------------
 
 DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")

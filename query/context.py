@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .plan import Node, SaeSite
 
+
 class ModelInfo(Node):
     """The shape of a loaded model, as the binder sees it (built by the executor)."""
 

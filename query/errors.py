@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+
 class TdbqlError(Exception):
     """A user-facing error: bad syntax, a name that does not bind, impossible work.
 

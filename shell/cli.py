@@ -16,10 +16,11 @@ import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
 
+from ..query.errors import TdbqlError
 from .format import FORMATS, ProgressBar
 from .meta import ShellState, emit, run_script
-from ..query.errors import TdbqlError
-from .session import Session, render_error
+from .session import Session
+from .text import render_error
 
 COMMAND_SOURCE = "<command>"
 STDIN_SOURCE = "<stdin>"

@@ -10,10 +10,14 @@ import csv
 import io
 import json
 import math
-from decimal import Decimal
 from collections.abc import Sequence
+from decimal import Decimal
 
 import pyarrow as pa
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
 
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "markdown")
 DEFAULT_MAX_ROWS = 40
@@ -74,10 +78,6 @@ def _footer(total: int, hidden: int) -> str:
 
 
 def _rich_table(table: pa.Table, *, max_rows: int | None, width: int | None, color: bool) -> str:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
     rows, hidden = _display_rows(table, max_rows)
     numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) for t in table.schema.types]
     out = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, highlight=False)
@@ -173,9 +173,6 @@ class ProgressBar:
             self.close()
 
     def _start(self, total: int) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
         self._progress = Progress("batches", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                   console=Console(stderr=True), transient=True)
         self._progress.start()

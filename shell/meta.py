@@ -19,12 +19,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..grammar.split import split_statements
-from .format import DEFAULT_MAX_ROWS, FORMATS, format_table, render_result
 from ..query import catalog
-from ..query.errors import nearest
-from ..query.errors import TdbqlError
-from .session import Session, describe_loss, describe_model, quote_ident, substitute_params
-
+from ..query.errors import TdbqlError, nearest
+from .format import DEFAULT_MAX_ROWS, FORMATS, format_table, render_result
+from .prompts import describe_loss
+from .session import Session, describe_model
+from .text import quote_ident, substitute_params
 
 
 @dataclass
@@ -360,9 +360,7 @@ def _models(state: ShellState, args: list[str]) -> str:
 
 def known_models() -> list[tuple[str, str]]:
     """Registry names the loader resolves to hub ids (loaded from the local cache or the hub)."""
-    from ..executor.runtime.loading import REGISTRY_NAMES
-
-    return [(name, hub_id) for name, hub_id in sorted(REGISTRY_NAMES.items())]
+    return sorted(catalog.REGISTRY_NAMES.items())
 
 
 @meta_command(".scalars", ".scalars", "The scalar catalog.")

@@ -6,12 +6,15 @@ overrides the session `target`). Extra columns are ignored. A `.txt` file has on
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 
 from ..query.context import PromptRow
 from ..query.errors import TdbqlError
+from ..query.plan import Loss
 
 PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt")
 TEXT_COLUMNS: tuple[str, ...] = ("prompt", "text")
@@ -40,8 +43,6 @@ def _read_arrow(path: Path, suffix: str) -> pa.Table:
 
         return pj.read_json(path)
     if suffix == ".json":
-        import json
-
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, list):
             raise ValueError("a .json prompt file holds a list of objects")
@@ -96,3 +97,38 @@ def resolve_path(path: str, source_name: str | None) -> Path:
         if beside.exists():
             return beside
     return candidate
+
+
+# --- the session's prompts and tokens tables --------------------------------------------------------
+
+PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.int64()), ("text", pa.string()), ("target", pa.string()),
+                            ("distractor", pa.string()), ("n_tokens", pa.int64())])
+TOKENS_SCHEMA = pa.schema([("prompt_id", pa.int64()), ("position", pa.int64()), ("token_id", pa.int64()),
+                           ("token", pa.string())])
+
+
+def prompts_table(prompts: list[PromptRow], encoded: list[list[int]]) -> pa.Table:
+    return pa.table(
+        {
+            "prompt_id": [p.prompt_id for p in prompts],
+            "text": [p.text for p in prompts],
+            "target": [p.target for p in prompts],
+            "distractor": [p.distractor for p in prompts],
+            "n_tokens": [len(ids) for ids in encoded],
+        },
+        schema=PROMPTS_SCHEMA,
+    )
+
+
+def tokens_table(prompts: list[PromptRow], encoded: list[list[int]], token_str: Callable[[int], str]) -> pa.Table:
+    rows = [(p.prompt_id, pos, tid, token_str(tid)) for p, ids in zip(prompts, encoded) for pos, tid in enumerate(ids)]
+    columns = list(zip(*rows)) if rows else [[], [], [], []]
+    return pa.table({name: list(col) for name, col in zip(TOKENS_SCHEMA.names, columns)}, schema=TOKENS_SCHEMA)
+
+
+def describe_loss(loss: Loss) -> str:
+    targets = " + ".join(repr(t) for t in loss.targets)
+    if loss.kind == "logprob":
+        return f"logprob({targets}) at the last token"
+    distractors = " + ".join(repr(t) for t in loss.distractors)
+    return f"logit({targets}) - logit({distractors}) at the last token"

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
 from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.filters import Condition
@@ -26,13 +27,15 @@ from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.lexers import PygmentsLexer
 
+from ..grammar.parse import parse
+from ..query.catalog import SCALAR_NAMES
+from ..query.errors import TdbqlError
 from .completion import complete
 from .format import ProgressBar
 from .lexer import TdbqlLexer
 from .meta import ShellState, emit, is_meta, run_script
-from ..query.catalog import SCALAR_NAMES
-from ..query.errors import TdbqlError
-from .session import Session, render_error
+from .session import Session
+from .text import render_error
 
 PROMPT = "tdbql> "
 CONTINUATION = "   ...> "
@@ -78,8 +81,6 @@ def should_submit(text: str, parses: Callable[[str], bool]) -> bool:
 
 def is_complete_tdbql(text: str) -> bool:
     """Whether `text` parses as tdbql statements only (SQL waits for its ';', as in pgcli)."""
-    from ..grammar.parse import parse
-
     try:
         statements = parse(text)
     except Exception:  # a syntax error (or the parser's own bug) means: keep editing
@@ -126,8 +127,6 @@ def key_bindings() -> KeyBindings:
 
     @Condition
     def submit_now() -> bool:
-        from prompt_toolkit.application import get_app
-
         return should_submit(get_app().current_buffer.text, is_complete_tdbql)
 
     @bindings.add("enter", filter=submit_now)

@@ -11,7 +11,6 @@ model query), one table per model query (`as name`, else q1, q2, ...; routes giv
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,10 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from ..grammar.parse import parse
+from ..query.bind import bind, bind_query, needs_model
+from ..query.context import ModelInfo, PromptRow
+from ..query.errors import TdbqlError
 from ..query.plan import (
     BoundQuery,
     ExplainStmt,
@@ -41,10 +44,25 @@ from ..query.plan import (
     TargetStmt,
     UpvotedQuery,
 )
-from ..query.bind import bind, bind_query, needs_model
-from ..query.context import ModelInfo, PromptRow
-from ..query.errors import TdbqlError, nearest
-from .prompts import prompt_rows, prompts_from_arrow, read_prompt_file, resolve_path
+from .prompts import (
+    describe_loss,
+    prompt_rows,
+    prompts_from_arrow,
+    prompts_table,
+    read_prompt_file,
+    resolve_path,
+    tokens_table,
+)
+from .text import (
+    duckdb_message,
+    first_word,
+    is_interrupt,
+    locate,
+    parse_prefix,
+    quote_ident,
+    substitute_params,
+    with_source,
+)
 
 ProgressFn = Callable[[int, int], None]
 MODEL_QUERIES = (NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery)
@@ -60,11 +78,6 @@ CREATE TABLE IF NOT EXISTS queries (
     query_id BIGINT, text VARCHAR, plan_json VARCHAR, model VARCHAR,
     started_at TIMESTAMP, elapsed_ms DOUBLE, rows BIGINT, table_name VARCHAR
 )"""
-
-PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.int64()), ("text", pa.string()), ("target", pa.string()),
-                            ("distractor", pa.string()), ("n_tokens", pa.int64())])
-TOKENS_SCHEMA = pa.schema([("prompt_id", pa.int64()), ("position", pa.int64()), ("token_id", pa.int64()),
-                           ("token", pa.string())])
 
 
 @dataclass
@@ -89,8 +102,6 @@ class Settings:
     dtype: str = "fp32"
     freeze_ln_f: bool = True  # detach the final layer-norm scale in backward passes (TDB's choice)
     compile: bool = False  # node queries through torch.compile (executor/compiled.py)
-
-
 
 
 class Session:
@@ -213,14 +224,12 @@ class Session:
         A syntax error first runs the complete statements before it, then raises. Errors carry
         `source_name` (for `file:line:col`) and, when they have no position, the statement's.
         """
-        from ..grammar.parse import parse
-
         text = substitute_params(text, self.params)
         try:
             statements = parse(text)
         except TdbqlError as err:
-            yield from self._run_statements(_parse_prefix(text, err, parse), text, source_name)
-            raise _with_source(err, source_name, text)
+            yield from self._run_statements(parse_prefix(text, err, parse), text, source_name)
+            raise with_source(err, source_name, text)
         yield from self._run_statements(statements, text, source_name)
 
     def _run_statements(self, statements, text: str, source_name: str | None) -> Iterator[StatementResult]:
@@ -228,9 +237,9 @@ class Session:
             try:
                 yield self.run_statement(stmt, span, text, source_name=source_name)
             except TdbqlError as err:
-                raise _with_source(_locate(err, span, text), source_name, text)
+                raise with_source(locate(err, span, text), source_name, text)
             except Exception as exc:
-                if _is_interrupt(exc):  # Ctrl-C inside DuckDB: the caller cancels, as for any Ctrl-C
+                if is_interrupt(exc):  # Ctrl-C inside DuckDB: the caller cancels, as for any Ctrl-C
                     raise KeyboardInterrupt from exc
                 raise self._wrap(exc, span, text, source_name) from exc
 
@@ -239,11 +248,11 @@ class Session:
         """One user-facing error for a failure the statement did not report itself."""
         if isinstance(exc, duckdb.Error):
             # DuckDB's message carries its own caret (LINE n: ...), so no second source line here
-            err = TdbqlError(f"SQL error: {_duckdb_message(exc)}", line=span.line, column=span.column)
+            err = TdbqlError(f"SQL error: {duckdb_message(exc)}", line=span.line, column=span.column)
         else:  # a bug or a torch/OS failure: one line, traceback only with --debug
             err = TdbqlError(f"internal error: {type(exc).__name__}: {exc}", line=span.line, column=span.column,
                              source=text)
-        return _with_source(err, source_name, text)
+        return with_source(err, source_name, text)
 
     def run_statement(self, stmt, span: Span, text: str, *, source_name: str | None = None) -> StatementResult:
         """Bind one parsed statement and run it."""
@@ -374,7 +383,7 @@ class Session:
             result.message = "OK"
             return result
         table = rel.to_arrow_table()
-        first = _first_word(stmt.text)
+        first = first_word(stmt.text)
         if first in SQL_ROW_RESULT_WORDS:
             result.table = table
         elif first in SQL_ROW_COUNT_WORDS and table.column_names == ["Count"] and table.num_rows == 1:
@@ -458,89 +467,6 @@ def _same_key(a: tuple, b: tuple) -> bool:
     return loaded_a is loaded_b and same_saes and settings_a == settings_b
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-PARAM_PATTERN = re.compile(r"--[^\n]*|\$\$|\$([A-Za-z_]\w*)")
-
-
-def substitute_params(text: str, params: dict[str, str]) -> str:
-    """Replace `$name` by its -D value (outside `--` comments); an unknown name is an error."""
-
-    def replace(match: re.Match) -> str:
-        name = match.group(1)
-        if name is None:
-            return match.group(0)
-        if name not in params:
-            line = text.count("\n", 0, match.start()) + 1
-            column = match.start() - (text.rfind("\n", 0, match.start()) + 1) + 1
-            raise TdbqlError(f"undefined parameter ${name} (define it with -D {name}=VALUE)", line=line,
-                             column=column, source=text, suggestion=nearest(name, params))
-        return str(params[name])
-
-    return PARAM_PATTERN.sub(replace, text)
-
-
-def _parse_prefix(text: str, err: TdbqlError, parse) -> list:
-    """The statements wholly before the one holding a syntax error (they run before it is raised)."""
-    if err.line is None:
-        return []
-    cut = _statement_start(text, _offset(text, err.line, err.column or 1))
-    if not text[:cut].strip():
-        return []
-    try:
-        return parse(text[:cut])
-    except TdbqlError:
-        return []
-
-
-def _offset(text: str, line: int, column: int) -> int:
-    lines = text.splitlines(keepends=True)
-    return sum(len(x) for x in lines[: line - 1]) + column - 1
-
-
-def _statement_start(text: str, offset: int) -> int:
-    """Start of the statement holding `offset` (the start of its line if the text cannot be split)."""
-    from ..grammar.split import split_statements
-
-    try:
-        chunks = split_statements(text)
-    except TdbqlError:
-        return text.rfind("\n", 0, offset) + 1
-    starts = [c.start for c in chunks if c.start <= offset]
-    return starts[-1] if starts else 0
-
-
-def _first_word(text: str) -> str:
-    body = re.sub(r"^(\s|--[^\n]*\n?)*", "", text)
-    match = re.match(r"\(*\s*([A-Za-z_]\w*)", body)
-    return match.group(1).lower() if match else ""
-
-
-def _locate(err: TdbqlError, span: Span, text: str) -> TdbqlError:
-    """Give a position-less error (from the engine or loader) the statement's line and column."""
-    if err.line is None:
-        err.line, err.column = span.line, span.column
-        if err.source is None:
-            err.source = text
-    return err
-
-
-def _with_source(err: TdbqlError, source_name: str | None, text: str) -> TdbqlError:
-    err.source_name = source_name  # read by render_error
-    return err
-
-
-def render_error(err: TdbqlError) -> str:
-    """The message a user sees: `file:line:col: message` with the source line and a caret."""
-    return err.render(getattr(err, "source_name", None))
-
-
-def _duckdb_message(exc: duckdb.Error) -> str:
-    return str(exc).strip()
-
-
 RESERVED_TABLES = frozenset({"prompts", "tokens", "queries", "_"})
 
 
@@ -557,40 +483,7 @@ def _shown_table(named: dict[str, pa.Table]) -> tuple[str, pa.Table]:
     return next(iter(named.items()))
 
 
-def prompts_table(prompts: list[PromptRow], encoded: list[list[int]]) -> pa.Table:
-    return pa.table(
-        {
-            "prompt_id": [p.prompt_id for p in prompts],
-            "text": [p.text for p in prompts],
-            "target": [p.target for p in prompts],
-            "distractor": [p.distractor for p in prompts],
-            "n_tokens": [len(ids) for ids in encoded],
-        },
-        schema=PROMPTS_SCHEMA,
-    )
-
-
-def tokens_table(prompts: list[PromptRow], encoded: list[list[int]], token_str: Callable[[int], str]) -> pa.Table:
-    rows = [(p.prompt_id, pos, tid, token_str(tid)) for p, ids in zip(prompts, encoded) for pos, tid in enumerate(ids)]
-    columns = list(zip(*rows)) if rows else [[], [], [], []]
-    return pa.table({name: list(col) for name, col in zip(TOKENS_SCHEMA.names, columns)}, schema=TOKENS_SCHEMA)
-
-
-def describe_loss(loss: Loss) -> str:
-    targets = " + ".join(repr(t) for t in loss.targets)
-    if loss.kind == "logprob":
-        return f"logprob({targets}) at the last token"
-    distractors = " + ".join(repr(t) for t in loss.distractors)
-    return f"logit({targets}) - logit({distractors}) at the last token"
-
-
 def describe_model(info: ModelInfo, settings: Settings) -> str:
     saes = f", {len(info.sae_latents)} autoencoders" if info.sae_latents else ""
     return (f"model {info.name} ({info.arch}: {info.n_layers} layers, {info.n_heads} heads, d_model {info.d_model}, "
             f"d_mlp {info.d_mlp}, vocab {info.vocab_size}{saes}) on {settings.device} in {settings.dtype}")
-
-
-def _is_interrupt(exc: Exception) -> bool:
-    """DuckDB reports a Ctrl-C as InterruptException, or as RuntimeError('Query interrupted')."""
-    return isinstance(exc, duckdb.InterruptException) or (
-        isinstance(exc, RuntimeError) and "Query interrupted" in str(exc))

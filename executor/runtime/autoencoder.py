@@ -29,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .model import hook_alias
 from ...query.errors import TdbqlError
+from .model import hook_alias
 
 ACTIVATIONS = ("relu", "topk", "jumprelu")
 SAELENS_WEIGHTS = "sae_weights.safetensors"

@@ -38,9 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...query.catalog import SAE_SITES, TL_BLOCK_HOOKS, TL_GLOBAL_HOOKS
-from ...query.errors import nearest
+from ...query.errors import TdbqlError, nearest
 from .hooks import GLOBAL_LOCATIONS, LOCATIONS, NO_HOOKS, HookSet
-from ...query.errors import TdbqlError
 
 if TYPE_CHECKING:
     from .autoencoder import Autoencoder

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tdbql.executor.engine import Engine
 from tdbql.executor.runtime.hooks import HookSet
 from tdbql.query.plan import Ablation, Condition, LogitsQuery, NodeQuery, NodeRef, ScalarSpec
-from tests.executor.engine_helpers import run, explain
 
+from tests.executor.engine_helpers import explain, run
 from tests.executor.test_scalars import LOSS, Reference, engine_rows, prompts, random_sae
 
 TEXTS = ["When Mary and John went to the store, John gave a drink to", "The cat sat on the mat"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tdbql.executor.compiled import refusal
 from tdbql.executor.engine import Engine
-from tdbql.query.plan import Ablation, NodeQuery, NodeRef, ScalarSpec
 from tdbql.query.errors import TdbqlError
+from tdbql.query.plan import Ablation, NodeQuery, NodeRef, ScalarSpec
 from tdbql.shell.session import Session
-from tests.executor.engine_helpers import run, explain, plan
 
+from tests.executor.engine_helpers import explain, plan, run
 from tests.executor.test_scalars import (
     LOSS,
     SCALARS,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tdbql.executor import contrib
 from tdbql.query.errors import TdbqlError
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 import torch
-
 from tdbql.executor import blocks
 from tdbql.executor.engine import Engine
 from tdbql.executor.passes import run_passes
 from tdbql.executor.scalars import Raw
-from tdbql.query.plan import Condition, LogitLensQuery, NodeQuery, NodeRef, RoutesQuery, ScalarSpec, Trace
 from tdbql.query.context import PromptRow
 from tdbql.query.errors import TdbqlError
-from tests.executor.engine_helpers import run, explain, plan
+from tdbql.query.plan import Condition, LogitLensQuery, NodeQuery, NodeRef, RoutesQuery, ScalarSpec, Trace
 
+from tests.executor.engine_helpers import explain, plan, run
 from tests.executor.test_scalars import LOSS, prompts
 
 TEXTS = ["When Mary and John went to the store", "The cat sat on the mat"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.executor.conftest import load_hf
-
 from tdbql.executor import lens
 from tdbql.executor.runtime.hooks import HookSet
-from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, Range, UpvotedQuery
 from tdbql.query.context import PromptRow
 from tdbql.query.errors import TdbqlError
+from tdbql.query.plan import Condition, LogitLensQuery, NodeRef, Range, UpvotedQuery
+
+from tests.executor.conftest import load_hf
 from tests.executor.engine_helpers import bound
 
 PROMPTS = [

@@ -12,12 +12,11 @@ import itertools
 import networkx as nx
 import pytest
 import torch
-
 from tdbql.executor import contrib, routes
 from tdbql.executor.runtime.hooks import HookSet
 from tdbql.query.context import PromptRow
-from tdbql.query.plan import RoutesQuery
 from tdbql.query.errors import TdbqlError
+from tdbql.query.plan import RoutesQuery
 
 EPS = 1e-5
 PROMPTS = [

@@ -13,12 +13,12 @@ from collections import defaultdict
 
 import pytest
 import torch
-
-from tdbql.executor.runtime.autoencoder import Autoencoder
 from tdbql.executor.engine import Engine
+from tdbql.executor.runtime.autoencoder import Autoencoder
 from tdbql.executor.runtime.hooks import HookSet
-from tdbql.query.plan import Loss, NodeQuery, ScalarSpec
 from tdbql.query.context import PromptRow
+from tdbql.query.plan import Loss, NodeQuery, ScalarSpec
+
 from tests.executor.engine_helpers import run
 
 TEXTS = [

@@ -10,10 +10,9 @@ import math
 
 import pytest
 import torch
-
 from tdbql.query.plan import NodeQuery, NodeRef, ScalarSpec, Trace
-from tests.executor.engine_helpers import run, explain
 
+from tests.executor.engine_helpers import explain, run
 from tests.executor.test_scalars import (
     LOSS,
     SCALARS,

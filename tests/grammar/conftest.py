@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from tests.grammar.lang_helpers import fake_tokenize, tiny_model_info
-
 from tdbql.query.context import ModelInfo
+
+from tests.grammar.lang_helpers import fake_tokenize, tiny_model_info
 
 
 @pytest.fixture

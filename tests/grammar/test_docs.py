@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from tdbql.grammar.parse import parse
 from tdbql.query.bind import bind
 

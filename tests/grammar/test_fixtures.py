@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from pydantic import TypeAdapter
-
 from tdbql.grammar.parse import parse
 from tdbql.query.plan import Statement
 

@@ -13,13 +13,12 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from tests.grammar.lang_helpers import fake_tokenize, tiny_model_info
-
 from tdbql.grammar.parse import KEYWORDS, parse
 from tdbql.query.bind import bind
 from tdbql.query.catalog import SCALAR_NAMES as SCALARS
 from tdbql.query.errors import TdbqlError
+
+from tests.grammar.lang_helpers import fake_tokenize, tiny_model_info
 
 ROOT = Path(__file__).parents[2]
 INFO = tiny_model_info()

@@ -6,7 +6,7 @@ import typing
 
 from tdbql.grammar import transform
 from tdbql.grammar.parse import KEYWORDS, TOKEN_TYPES, parse, parser
-from tdbql.query import catalog, plan
+from tdbql.query import catalog
 from tdbql.query.errors import TdbqlError
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tdbql.grammar.parse import parse
 from tdbql.query.plan import NodeQuery, SqlStmt
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 from pydantic import TypeAdapter
-
 from tdbql.grammar.parse import parse
 from tdbql.query.bind import bind
 from tdbql.query.context import ModelInfo
-from tdbql.query.plan import NodeQuery, SqlStmt, Statement
 from tdbql.query.errors import TdbqlError
+from tdbql.query.plan import NodeQuery, SqlStmt, Statement
 
 SINGLE_TOKENS = {"Mary", "John", "Anna", "Paris"}
 

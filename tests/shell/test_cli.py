@@ -8,7 +8,6 @@ import sys
 
 import duckdb
 import pytest
-
 from tdbql.shell.cli import main
 
 IOI = "When Mary and John went to the store, John gave a drink to"

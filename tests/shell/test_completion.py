@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tdbql.shell.completion import complete
 
 TABLES = ["prompts", "tokens", "q1"]

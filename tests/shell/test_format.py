@@ -8,9 +8,8 @@ import json
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
-
-from tdbql.shell.format import FORMATS, ProgressBar, format_cell, format_table, render_result
 from tdbql.query.plan import Span
+from tdbql.shell.format import FORMATS, ProgressBar, format_cell, format_table, render_result
 from tdbql.shell.session import StatementResult
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
-from tdbql.shell.meta import REGISTRY, ShellState, emit, is_meta, run_meta, run_script, script_parts
 from tdbql.query.catalog import SCALAR_NAMES as SCALARS
 from tdbql.query.context import PromptRow
 from tdbql.query.errors import TdbqlError
-from tdbql.shell.session import Session, render_error
+from tdbql.shell.meta import REGISTRY, ShellState, emit, is_meta, run_meta, run_script, script_parts
+from tdbql.shell.session import Session
+from tdbql.shell.text import render_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,9 +9,7 @@ import pexpect
 import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
-
 from pygments.token import Comment, Keyword, Name, Number, String
-
 from tdbql.shell.lexer import TdbqlLexer
 from tdbql.shell.repl import (
     TdbqlCompleter,

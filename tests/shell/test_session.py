@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pydantic import TypeAdapter
-
 from tdbql.query.context import PromptRow
-from tdbql.query.plan import Statement
 from tdbql.query.errors import TdbqlError
+from tdbql.query.plan import Statement
 from tdbql.shell.prompts import read_prompt_file
-from tdbql.shell.session import Session, render_error, substitute_params
+from tdbql.shell.session import Session
+from tdbql.shell.text import render_error, substitute_params
 
 IOI = "When Mary and John went to the store, John gave a drink to"
 

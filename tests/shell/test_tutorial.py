@@ -15,7 +15,6 @@ from pathlib import Path
 
 import duckdb
 import pytest
-
 from tdbql.shell.meta import ShellState, run_script
 from tdbql.shell.session import Session
 

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from tdbql.executor.runtime.autoencoder import (
     Autoencoder,
     load_autoencoder,

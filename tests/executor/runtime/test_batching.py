@@ -6,15 +6,14 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
-
-from tdbql.executor.runtime.batching import batches
 from tdbql.executor.engine import Engine
 from tdbql.executor.reduce import TopKSink
-from tdbql.query.plan import Condition, NodeQuery, Range, ScalarSpec
+from tdbql.executor.runtime.batching import batches
 from tdbql.query.context import PromptRow
 from tdbql.query.errors import TdbqlError
-from tests.executor import engine_helpers
+from tdbql.query.plan import Condition, NodeQuery, Range, ScalarSpec
 
+from tests.executor import engine_helpers
 from tests.executor.test_scalars import LOSS, prompts
 
 TEXTS = [

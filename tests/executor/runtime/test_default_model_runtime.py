@@ -3,9 +3,8 @@
 from pathlib import Path
 
 import pytest
-import torch
-
 import tdbql.executor
+import torch
 from tdbql.executor.runtime.loading import load_model
 
 DEFAULT_FOLDER = Path(tdbql.executor.__file__).parent / "default_model"

@@ -7,13 +7,14 @@ import shutil
 
 import pytest
 import torch
-from tests.executor.conftest import hf_config
-
 from tdbql.executor.runtime import loading
 from tdbql.executor.runtime.autoencoder import Autoencoder, save_saelens
-from tdbql.executor.runtime.loading import config_from_hf, load_model
+from tdbql.executor.runtime.hf_format import config_from_hf
+from tdbql.executor.runtime.loading import load_model
 from tdbql.query.context import ModelInfo
 from tdbql.query.errors import TdbqlError
+
+from tests.executor.conftest import hf_config
 
 TEXT = "When Mary and John went to the store"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.executor.conftest import load_hf
-
 from tdbql.executor.runtime.hooks import GLOBAL_LOCATIONS, LOCATIONS, HookSet
 from tdbql.executor.runtime.model import hook_alias
+
+from tests.executor.conftest import load_hf
 
 ARCHS = ["gpt2", "neox", "neox_serial", "llama", "llama_linear", "mistral", "qwen2"]
 PROMPTS = ["When Mary and John went to the store, John gave", "The cat sat", "one two three four five six seven"]
