@@ -65,6 +65,7 @@ def random_checkpoint() -> Path:
 
 def measure(n: int, batch_size: int) -> dict:
     from tdbql.executor.engine import Engine
+    from tdbql.query.bind import bind, bind_query
     from tdbql.query.plan import NodeQuery, ScalarSpec
 
     loaded = load()
@@ -72,11 +73,13 @@ def measure(n: int, batch_size: int) -> dict:
     # closures), so tracemalloc's peak measures what the query keeps alive, not when gc happens to run
     engine = Engine(loaded, batch_size=batch_size, progress=lambda done, total: gc.collect())
     query = NodeQuery(mode="topk", k=20, scalars=(ScalarSpec(name="act_times_grad"),), by=("layer",))
-    engine.run(query, make_prompts(batch_size * 2), None)  # warm up: allocator pools, lazy imports
+    query = bind(query, None, info=loaded.info(), tokenize=loaded.encode)
+    query = bind_query(query, None, session_loss=None, prompts_have_targets=True)  # every prompt has its target
+    engine.run(query, make_prompts(batch_size * 2))  # warm up: allocator pools, lazy imports
     prompts = make_prompts(n)
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
-    table = engine.run(query, prompts, None)["result"]
+    table = engine.run(query, prompts)["result"]
     _, peak_py = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

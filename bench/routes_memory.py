@@ -1,7 +1,7 @@
 """Peak memory of `routes` over all layers of one long prompt on a GPT-2-small-shaped model.
 
 LLM-TT materialises tokens x tokens x heads x d_model per layer: 36 GiB in fp32 for GPT-2 small
-at 1024 tokens (reference/llmtt.md §2), before its 2-3x copies. tdbql tiles the L1 distances and
+at 1024 tokens, before its 2-3x copies. tdbql tiles the L1 distances and
 keeps only thresholded edges per layer. This script builds a random-weight model with GPT-2
 small's shape (d_model 768, 12 heads, 12 layers, d_mlp 3072, context 1024; small vocabulary),
 runs `routes` on one prompt of --tokens tokens, and reports the process's peak resident set

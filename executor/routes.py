@@ -11,7 +11,7 @@ Edges, each per position and layer l (src -> dst):
 - `mlp_resid`  resid.mid[l]@t -> resid.post[l]@t (the residual around the MLP).
 resid.pre[l] is resid.post[l-1], or `embed` for l = 0.
 
-Thresholds (LLM-TT §1): `cell` (the default) cuts each (key, head) share <= threshold before
+Thresholds (docs/routes.md): `cell` (the default) cuts each (key, head) share <= threshold before
 heads are summed (LLM-TT with "renormalize" on, its default); `edge` cuts head-summed edges <=
 threshold (LLM-TT with it off), where, as in LLM-TT's graph, the residual and the u = t attention
 edge count as one edge. MLP shares are cut the same way; `renormalize` (default on) rescales what

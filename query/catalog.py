@@ -153,6 +153,28 @@ def row_components(scalars: tuple[str, ...], components: tuple[str, ...]) -> tup
     return tuple(dict.fromkeys(rows))
 
 
+# the docs' table of which scalar is defined for which component (docs/language.md holds its output)
+_TABLE_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("mlp", ("mlp",)), ("attn", ("attn",)), ("head", ("head",)), ("mlp_sae, attn_sae, resid_sae", LATENTS),
+    ("embed", ("embed",)), ("*_sae_error", SAE_ERRORS),
+)
+
+
+def applicability_table() -> str:
+    """A markdown table: one row per set of scalars defined for the same components."""
+    groups: dict[tuple[bool, ...], list[str]] = {}
+    for scalar in SCALARS.values():
+        marks = tuple(all(c in scalar.applies_to for c in members) for _, members in _TABLE_COLUMNS)
+        note = " (needs `trace`)" if scalar.needs_trace else ""
+        groups.setdefault(marks, []).append(scalar.name + note)
+    def row(cells) -> str:
+        return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+    lines = [row(["scalar", *(name for name, _ in _TABLE_COLUMNS)]), "|---" * (len(_TABLE_COLUMNS) + 1) + "|"]
+    lines += [row([", ".join(names), *("yes" if m else "" for m in marks)]) for marks, names in groups.items()]
+    return "\n".join(lines)
+
+
 # --- where fields, grouping, reductions ------------------------------------------------------------
 
 NODE_FIELDS: tuple[str, ...] = ("layer", "token", "attended", "head", "unit", "prompt", "component")

@@ -4,7 +4,7 @@
 engine -> DuckDB). It knows nothing about terminals: the REPL, the CLI and the tests all drive
 it the same way (pgcli's `pgexecute.py` role).
 
-Tables every session keeps (design §5): `prompts`, `tokens`, `queries` (one provenance row per
+Tables every session keeps (docs/language.md): `prompts`, `tokens`, `queries` (one provenance row per
 model query), one table per model query (`as name`, else q1, q2, ...; routes give
 `route_nodes`/`route_edges`, or `name_nodes`/`name_edges`), and the view `_` over the last one.
 """

@@ -1,4 +1,4 @@
-"""One transformer, hooked at every activation location (see executor/hooks.py).
+"""One transformer, hooked at every activation location (see executor/runtime/hooks.py).
 
 GPT-2, GPT-NeoX/Pythia and the Llama family (Llama, Mistral, Qwen2) are the same network with
 different switches in `ModelConfig`:

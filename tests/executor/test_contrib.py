@@ -1,4 +1,4 @@
-"""Contribution maths against a direct transcription of LLM-TT §1 that materialises every part.
+"""Contribution maths against a direct transcription of LLM-TT's formula (docs/routes.md) that materialises every part.
 
 The reference here builds the full tokens x tokens x heads x d_model tensor on tiny sizes (that is
 the point), in float64; the executor's tiled functions run in float32 and must agree to 1e-5.

@@ -31,3 +31,9 @@ def test_example_parses_and_binds(example, tiny_info, tokenize):
     for stmt, span in statements:
         bound = bind(stmt, span, info=tiny_info, tokenize=tokenize, tables=TABLES, source=example)
         assert bound.kind == stmt.kind
+
+
+def test_the_applicability_table_is_the_catalogs():
+    from tdbql.query.catalog import applicability_table
+
+    assert applicability_table() in DOC.read_text()

@@ -1,4 +1,4 @@
-"""Property: any input gives plans or one TdbqlError, never another exception (design §7).
+"""Property: any input gives plans or one TdbqlError, never another exception.
 
 10,000 generated inputs: random text, token soup built from the grammar's own words, mutations
 of valid statements (fixture inputs and documentation examples), and valid statements with their

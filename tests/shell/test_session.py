@@ -310,3 +310,34 @@ def test_sae_statement_attaches_autoencoders_for_queries(session, tmp_path):
     assert set(q.table.column("component").to_pylist()) == {"mlp_sae"}
     with pytest.raises(TdbqlError, match="attn"):
         session.execute(f"sae attn from '{tmp_path / 'saes'}'")
+
+
+def test_logit_lens_with_ablation_equals_a_hand_hooked_transformers_forward(session, tiny_model_dir):
+    """`logit_lens ... ablate attn[0,1]=0` through the session: head 1 of layer 0 removed (its
+    probabilities zero, so its slice of the merged heads is zero), then resid.post[1] read through
+    ln_f and the unembedding of a transformers GPT-2 with a hand-written hook."""
+    import torch
+    import transformers
+
+    session.execute(f'prompt "{IOI}"')
+    [result] = session.execute("logit_lens where token = -1 and layer = 1 topk 5 ablate attn[0,1]=0")
+    plain = session.execute("logit_lens where token = -1 and layer = 1 topk 5")[0].table
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    d_head = hf.config.n_embd // hf.config.n_head
+
+    def drop_head(module, args):
+        z = args[0].clone()
+        z[..., 1 * d_head:2 * d_head] = 0
+        return (z,)
+
+    hf.transformer.h[0].attn.c_proj.register_forward_pre_hook(drop_head)
+    ids = torch.tensor([session.loaded.encode(IOI)])
+    with torch.no_grad():
+        resid_post_1 = hf(ids, output_hidden_states=True).hidden_states[2][0, -1]
+        logits = hf.lm_head(hf.transformer.ln_f(resid_post_1))
+    top = logits.topk(5)
+    rows = result.table.to_pylist()
+    assert [r["vocab_id"] for r in rows] == top.indices.tolist()
+    assert [r["logit"] for r in rows] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert [r["prob"] for r in rows] == pytest.approx(logits.softmax(-1)[top.indices].tolist(), abs=1e-5)
+    assert [r["logit"] for r in rows] != pytest.approx(plain.column("logit").to_pylist(), abs=1e-4)

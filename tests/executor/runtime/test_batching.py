@@ -158,7 +158,7 @@ def test_ties_break_in_canonical_order(tiny_model):
     assert keys == sorted(keys, key=lambda k: (k[0], ["embed", "attn", "head", "mlp"].index(k[2]), k[1], k[4], k[5], k[3]))
 
 
-# --- executor/batching.py: the one way prompts become padded batches ---------------------------------
+# --- executor/runtime/batching.py: the one way prompts become padded batches ---------------------------------
 
 
 def _check_padding(loaded, batch, rows) -> None:
