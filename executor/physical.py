@@ -134,10 +134,6 @@ class NodePlan:
     contribution_norm: int = 1
 
     @property
-    def kinds(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(p.site.kind for p in self.sites))
-
-    @property
     def needs_backward(self) -> bool:
         return any(r.pass_ == "bwd" for r in self.raws)
 
@@ -200,7 +196,7 @@ def _sites(query: NodeQuery, scalars: tuple[str, ...], g: Raw, trace: TraceSpec 
             if not static_conditions_pass(query.where, kind, layer):
                 continue
             downstream = trace is not None and _downstream(kind, layer, trace, cfg.parallel_residual)
-            site = Site(kind, layer, g=g, upstream=write_order(kind, layer) < read_order(g), jvp=downstream)
+            site = Site(kind, layer, g=g, upstream=write_order(kind, layer) < read_order(g))
             derivers = tuple((s, deriver(s, kind, downstream=downstream)) for s in scalars)
             if derivers[0][1] is None and (query.mode != "select" or all(d is None for _, d in derivers)):
                 continue  # the ranking scalar is not defined here (select: no scalar is)

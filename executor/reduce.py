@@ -28,8 +28,6 @@ NULL = -(2**40)  # integer NULL sentinel in row tensors
 POS_OFFSET = 2**14  # positions (possibly negative: from the end) are shifted into [0, 2**15)
 
 Rows = dict[str, torch.Tensor]
-ID_COLUMNS = ("ordinal", "prompt_id", "kind", "layer", "unit", "position", "attended", "token_id",
-              "attended_token_id")
 
 
 @dataclass

@@ -80,7 +80,6 @@ class Site:
     layer: int | None
     g: Raw | None = None
     upstream: bool = True
-    jvp: bool = False  # in_edge of nodes downstream of the trace needs the JVP pass
 
     @property
     def sae_site(self) -> str | None:
@@ -382,7 +381,6 @@ class Deriver:
     parts: tuple[str, ...]
     combine: Callable[..., torch.Tensor] = field(default=lambda x: x)
     pair: bool = False  # computes across (clean, corrupted) prompt pairs
-    jvp: bool = False  # reads tangents of the forward-mode pass
     downstream: Deriver | None = None
 
     def needs(self, site: Site) -> frozenset[Raw]:
@@ -442,7 +440,7 @@ def _act_times_grad(kind: str) -> Deriver:
 def _in_edge(kind: str) -> Deriver:
     """Upstream of the trace: the direct effect on it; downstream: the JVP of the pre-activation
     along the traced node's write (embeddings are never downstream)."""
-    below = None if kind == "embed" else Deriver("in_edge", ("jvp_pre",), jvp=True)
+    below = None if kind == "embed" else Deriver("in_edge", ("jvp_pre",))
     return Deriver("in_edge", ("direct_effect",), downstream=below)
 
 

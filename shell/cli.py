@@ -16,6 +16,7 @@ import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
 
+from ..query.catalog import DTYPES
 from ..query.errors import TdbqlError
 from .format import FORMATS, ProgressBar
 from .meta import ShellState, emit, run_script
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default", metavar="NAME|PATH",
                         help="model to load on first use (default: the embedded model)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES)
     parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="prompts per batch (default: auto)")
     parser.add_argument("--compile", action="store_true",
                         help="run node queries through torch.compile (fast on repeated shapes; compiles first)")

@@ -32,7 +32,7 @@ def test_no_deriver_outside_the_catalog():
 def test_downstream_variants_exist_where_a_node_can_be_downstream_of_a_trace():
     for kind in ("mlp", "attn", *catalog.LATENTS):
         below = deriver("in_edge", kind, downstream=True)
-        assert below.jvp and below.missing_parts(kind) == []
+        assert below.parts == ("jvp_pre",) and below.missing_parts(kind) == []
     assert deriver("in_edge", "embed", downstream=True) is deriver("in_edge", "embed")  # never downstream
 
 
