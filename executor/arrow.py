@@ -44,6 +44,12 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "dst_position": pa.int64(),
     "head": pa.int64(),
     "weight": pa.float64(),
+    "metric": pa.float64(),
+    "metric_clean": pa.float64(),
+    "metric_corrupt": pa.float64(),
+    "metric_patched": pa.float64(),
+    "recovered": pa.float64(),
+    "actual_effect": pa.float64(),
 }
 
 
@@ -63,6 +69,9 @@ UPVOTED_SCHEMA = schema(*NODE_KEY, "vocab_id", "token", "score", "rank")
 CONTRIBUTION_SCHEMA = schema(*NODE_KEY, "contribution")
 ROUTE_EDGE_SCHEMA = schema("prompt_id", "layer", "kind", "src_position", "dst_position", "head", "weight")
 ROUTE_NODE_SCHEMA = schema("prompt_id", "layer", "kind", "position", "token")
+METRIC_SCHEMA = schema("prompt_id", "metric", "metric_clean", "metric_corrupt")
+PATCHING_SCHEMA = schema("prompt_id", "layer", "component", "unit", "position", "token", "metric_clean",
+                         "metric_corrupt", "metric_patched", "recovered")
 
 
 def node_schema(scalars: Sequence[str]) -> pa.Schema:

@@ -14,6 +14,7 @@ import torch
 
 from ..query.plan import LogitsQuery
 from .conditions import and_mask, field_mask, scalar_mask
+from .interventions import Interventions
 from .passes import run_passes
 from .physical import NodePlan, SitePlan
 from .reduce import BatchMeta, Block
@@ -21,11 +22,11 @@ from .runtime.batching import Batch
 from .scalars import Context, Weights
 
 
-def node_blocks(loaded, plan: NodePlan, batch: Batch, means: dict, weights: Weights, *,
+def node_blocks(loaded, plan: NodePlan, batch: Batch, edits: Interventions, weights: Weights, *,
                 compiled=None) -> Iterator[Block]:
-    """One batch through the passes of `plan`, then a block of node values per (component, layer).
-    `weights` caches weight-derived tensors across batches and queries."""
-    store = run_passes(loaded, plan, batch, means, compiled=compiled)
+    """One batch through the passes of `plan` under `edits`, then a block of node values per
+    (component, layer). `weights` caches weight-derived tensors across batches and queries."""
+    store = run_passes(loaded, plan, batch, edits, compiled=compiled)
     meta = BatchMeta(
         ordinal=batch.ordinals,
         prompt_id=batch.prompt_ids,

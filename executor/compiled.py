@@ -11,8 +11,8 @@ differentiated, whether ln_f's scale is frozen); torch.compile keeps one graph p
 (`dynamic=False`), so repeating a query on the same prompts, or another query that reads the same
 locations, reuses the graph. The first call at a new shape compiles (seconds).
 
-Only plain plans take this path: no ablation, no traced node, no forward-mode (JVP) pass, no
-contribution capture. Everything else runs eagerly; `explain` says which path a query takes.
+Only plain plans take this path: no ablation, no patch, no traced node, no forward-mode (JVP)
+pass, no contribution capture. Everything else runs eagerly; `explain` says which path a query takes.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def refusal(plan: NodePlan) -> str | None:
         return "forward-mode pass"
     if any(r.location in CONTRIBUTION_LOCATIONS for r in plan.raws):
         return "contribution capture"
+    if plan.patch:
+        return "patch"
     return None
 
 

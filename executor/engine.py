@@ -26,18 +26,21 @@ from ..query.context import PromptRow
 from ..query.errors import TdbqlError
 from ..query.plan import BoundQuery, LogitsQuery
 from . import lens, routes
-from .ablation import ablation_hooks, ablation_means, ablation_spec, add_ablations, needs_means
+from .ablation import ablation_means, ablation_spec, needs_means
 from .arrow import logit_table, node_table
 from .blocks import logit_rows, node_blocks
 from .compiled import CompiledPasses, refusal
 from .conditions import and_mask, scalar_mask
 from .explain import explain_forward_only, explain_plan
+from .interventions import Interventions, Patcher, patch_specs, side
 from .memory import MemoryEstimate, batch_size_for, default_budget, estimate_memory, raw_numel
+from .patching import metric_table, sweep_table
 from .physical import NodePlan, plan_node_query
 from .reduce import OverPromptsSink, SelectSink, TopKSink, group_ids, lexsort, take
 from .runtime.batching import batches, check_pairs, encode_prompts
 from .runtime.hooks import HookSet
 from .scalars import Weights
+from .verify import add_actual_effect
 
 SMALL_MODEL_WORK = 5 * 10**8  # parameters x 64 tokens x 8 prompts below which one CPU thread is faster
 
@@ -85,12 +88,14 @@ class Engine:
     def explain(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> str:
         if bound.query.kind != "nodes":
             return explain_forward_only(bound.query)
-        plan = self.plan(bound, prompts)
-        batch_size = self.plan_batch_size(plan, prompts)
-        memory = self.estimate_memory(plan, prompts)
+        rows, _ = self.interventions(bound, prompts, means=False)
+        plan = self.plan(bound, rows)
+        rows = paired_rows(plan, rows)
+        batch_size = self.plan_batch_size(plan, rows)
+        memory = self.estimate_memory(plan, rows)
         kept = sum(raw_numel(self.loaded, r, memory.n_tokens) for r in plan.raws)
         kept *= torch.finfo(self.loaded.dtype).bits // 8 * batch_size
-        return explain_plan(plan, memory=memory, batch_size=batch_size, n_prompts=len(prompts), kept_bytes=kept,
+        return explain_plan(plan, memory=memory, batch_size=batch_size, n_prompts=len(rows), kept_bytes=kept,
                             path=self._path(plan))
 
     def _path(self, plan: NodePlan) -> str:
@@ -106,7 +111,8 @@ class Engine:
     def plan(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> NodePlan:
         plan = plan_node_query(bound, self.loaded.config, saes=self.loaded.saes, freeze_ln_f=self.freeze_ln_f)
         if plan.pairs:
-            check_pairs(prompts, encode_prompts(self.loaded, prompts))
+            rows = paired_rows(plan, prompts)
+            check_pairs(rows, encode_prompts(self.loaded, rows))
         return plan
 
     def estimate_memory(self, plan: NodePlan | None, prompts: Sequence[PromptRow]) -> MemoryEstimate:
@@ -122,19 +128,37 @@ class Engine:
         budget = self.memory_budget or default_budget(self.loaded.device)
         return batch_size_for(self.estimate_memory(plan, prompts), budget, pairs=pairs)
 
+    # -- interventions: ablations, and the patch clause's prompt pairs --
+
+    def interventions(self, bound: BoundQuery, prompts: Sequence[PromptRow], *,
+                      means: bool = True) -> tuple[list[PromptRow], Interventions]:
+        """The prompts that run (the other side of each pair under a patch) and the hooks every
+        pass over them adds: the ablations (with `=mean` values over those prompts, a forward over
+        them, unless `means` is False) and the patch."""
+        query = bound.query
+        specs = tuple(ablation_spec(a) for a in getattr(query, "ablations", ()))
+        patch = getattr(query, "patch", None)
+        patcher = Patcher(self.loaded, patch_specs(patch), prompts, patch.source) if patch is not None else None
+        rows = patcher.run_rows if patcher is not None else list(prompts)
+        values = {}
+        if means and needs_means(specs):
+            values = ablation_means(self.loaded, specs, rows, self.plan_batch_size(None, rows))
+        return rows, Interventions(specs, values, patcher)
+
     # -- node queries --
 
     def visit_NodeQuery(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> dict[str, pa.Table]:
-        plan = self.plan(bound, prompts)
+        rows, edits = self.interventions(bound, prompts)
+        plan = self.plan(bound, rows)
+        rows = paired_rows(plan, rows)
         query = plan.query
-        batch_size = self.plan_batch_size(plan, prompts)
-        means = ablation_means(self.loaded, plan.ablations, prompts, batch_size) if plan.mean_pass else {}
+        batch_size = self.plan_batch_size(plan, rows)
         sink = SelectSink() if query.mode == "select" else TopKSink(
             query.k, plan.scalars[0], bottom=query.mode == "bottomk", by=tuple(query.by))
         over = OverPromptsSink(query.over_prompts, plan.relative_positions) if query.over_prompts else None
-        n_batches = math.ceil(len(prompts) / batch_size)
-        for i, batch in enumerate(batches(self.loaded, prompts, max_prompts=batch_size, pairs=plan.pairs)):
-            for block in node_blocks(self.loaded, plan, batch, means, self.weights, compiled=self.compiled):
+        n_batches = math.ceil(len(rows) / batch_size)
+        for i, batch in enumerate(batches(self.loaded, rows, max_prompts=batch_size, pairs=plan.pairs)):
+            for block in node_blocks(self.loaded, plan, batch, edits, self.weights, compiled=self.compiled):
                 if over is not None:
                     over.add(block, batch.lengths)
                 else:
@@ -145,44 +169,61 @@ class Engine:
             for block in over.finish():
                 block.mask = and_mask(block.mask, scalar_mask(query.where, block.values, block.mask.device))
                 sink.add(block)
-        rows = sink.result()
-        if rows is not None and "rank" in rows:
-            rows = take(rows, lexsort([group_ids(rows, tuple(query.by)), rows["rank"]]))
-        return {"result": node_table(rows, plan.scalars, self.loaded.token_str)}
+        result = sink.result()
+        if result is not None and "rank" in result:
+            result = take(result, lexsort([group_ids(result, tuple(query.by)), result["rank"]]))
+        table = node_table(result, plan.scalars, self.loaded.token_str)
+        if query.verify:
+            table = add_actual_effect(self.loaded, table, plan, prompts, edits, self.plan_batch_size(None, prompts))
+        return {"result": table}
 
     # -- logits, lenses, routes: one forward pass per batch, no autograd --
 
     def visit_LogitsQuery(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> dict[str, pa.Table]:
         query: LogitsQuery = bound.query
-        ablations, means = self._ablations(bound, prompts)
+        rows, edits = self.interventions(bound, prompts)
         parts = []
-        for batch in batches(self.loaded, prompts, max_prompts=self.plan_batch_size(None, prompts)):
+        for batch in batches(self.loaded, rows, max_prompts=self.plan_batch_size(None, rows)):
             hooks = HookSet()
-            add_ablations(hooks, ablations, batch, means)
+            edits.add(hooks, batch)
             with torch.no_grad():
                 logits = self.loaded.model(batch.input_ids, batch.attention_mask, hooks)
             parts.append(logit_rows(query, batch, logits))
         parts = [p for p in parts if p is not None]
-        rows = {key: torch.cat([p[key] for p in parts]) for key in parts[0]} if parts else None
-        return {"result": logit_table(rows, self.loaded.token_str, logprobs=query.logprobs)}
+        result = {key: torch.cat([p[key] for p in parts]) for key in parts[0]} if parts else None
+        return {"result": logit_table(result, self.loaded.token_str, logprobs=query.logprobs)}
 
     def visit_LogitLensQuery(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> dict[str, pa.Table]:
-        ablations, means = self._ablations(bound, prompts)
-        add_hooks = ablation_hooks(ablations, means) if ablations else None
-        return {"result": lens.logit_lens(self.loaded, bound.query, prompts, add_hooks=add_hooks)}
+        rows, edits = self.interventions(bound, prompts)
+        return {"result": lens.logit_lens(self.loaded, bound.query, rows, add_hooks=edits.add if edits else None)}
 
     def visit_UpvotedQuery(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> dict[str, pa.Table]:
         return {"result": lens.upvoted(self.loaded, bound.query, prompts)}
 
     def visit_RoutesQuery(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> dict[str, pa.Table]:
-        return routes.routes(self.loaded, bound.query, prompts)
+        rows, edits = self.interventions(bound, prompts)
+        return routes.routes(self.loaded, bound.query, rows, add_hooks=edits.add if edits else None)
 
-    def _ablations(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> tuple[tuple, dict]:
-        """The query's ablation hooks and, for `=mean` ones, the prompt-set means (one more pass)."""
-        specs = tuple(ablation_spec(a) for a in bound.query.ablations)
-        if not needs_means(specs):
-            return specs, {}
-        return specs, ablation_means(self.loaded, specs, prompts, self.plan_batch_size(None, prompts))
+    # -- the metric and patching sweeps --
+
+    def visit_MetricQuery(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> dict[str, pa.Table]:
+        _, edits = self.interventions(bound, prompts)
+        return {"result": metric_table(self.loaded, bound.query, bound.loss, list(prompts), edits,
+                                       self.plan_batch_size(None, prompts))}
+
+    def visit_PatchingQuery(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> dict[str, pa.Table]:
+        _, edits = self.interventions(bound, prompts)
+        table = sweep_table(self.loaded, bound.query, bound.loss, list(prompts), edits,
+                            self.plan_batch_size(None, prompts), self.progress)
+        return {"result": table}
+
+
+def paired_rows(plan: NodePlan, rows: Sequence[PromptRow]) -> list[PromptRow]:
+    """The prompts a pair-reading plan (attrib_patch) runs: each clean prompt followed by its
+    corrupt one when every prompt has one, else the prompt set as consecutive pairs."""
+    if plan.pairs and rows and all(r.corrupt is not None for r in rows):
+        return [r for pair in zip(rows, side(rows, "corrupt")) for r in pair]
+    return list(rows)
 
 
 __all__ = ["Engine", "use_threads_for"]

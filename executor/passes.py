@@ -1,9 +1,10 @@
 """The passes of a node plan over one batch: forward, at most one backward, maybe a JVP.
 
-    store = run_passes(loaded, plan, batch, means)     # RawStore: forward values, gradients, tangents
+    store = run_passes(loaded, plan, batch, edits)     # RawStore: forward values, gradients, tangents
 
-One forward pass with only the hooks the plan needs (ablations first, then detaches, the autograd
-entry, the captures and the contribution capture, so that every capture sees the edited values);
+One forward pass with only the hooks the plan needs (the interventions first: ablations and
+patches; then detaches, the autograd entry, the captures and the contribution capture, so that
+every capture sees the edited values);
 at most one backward (`torch.autograd.grad` on the summed per-prompt objective: the loss, or a
 traced node's pre-activation; a trace `via v` first takes one extra backward from the loss for
 g_down, see `_value_trace_objective`); and, for `in_edge` of nodes downstream of a trace, one
@@ -21,8 +22,8 @@ import torch
 from torch.autograd import forward_ad as fwAD
 
 from ..query.errors import TdbqlError
-from .ablation import add_ablations
 from .contrib import ContributionCapture, LayerContributions
+from .interventions import Interventions
 from .keys import keys_up_to
 from .losses import prompt_losses
 from .physical import NodePlan, TraceSpec
@@ -74,14 +75,15 @@ class RawStore:
         return self.fwd[raw].detach()
 
 
-def run_passes(loaded, plan: NodePlan, batch: Batch, means: dict, *, compiled=None) -> RawStore:
-    """The plan's passes over `batch`; `compiled` (a CompiledPasses) runs the plain plans it takes."""
+def run_passes(loaded, plan: NodePlan, batch: Batch, edits: Interventions, *, compiled=None) -> RawStore:
+    """The plan's passes over `batch` under `edits` (its ablations and patch); `compiled` (a
+    CompiledPasses) runs the plain plans it takes."""
     store = RawStore()
     if compiled is not None and compiled.takes(plan):
         compiled.run(plan, batch, lambda last_logits, s: objective(loaded, plan, batch, last_logits, s), store)
         return store
     hooks = HookSet()
-    add_ablations(hooks, plan.ablations, batch, means)
+    edits.add(hooks, batch)
     _add_freezes(hooks, plan)
     if plan.grad_entry is not None:
         hooks.add(plan.grad_entry.location, plan.grad_entry.layer, _enter_autograd)
@@ -97,7 +99,7 @@ def run_passes(loaded, plan: NodePlan, batch: Batch, means: dict, *, compiled=No
             store.backward(objective(loaded, plan, batch, logits[:, 0], store),
                            [r for r in plan.raws if r.pass_ == "bwd"])
     if plan.needs_jvp:
-        _jvp_pass(loaded, plan, batch, means, store)
+        _jvp_pass(loaded, plan, batch, edits, store)
     return store
 
 
@@ -199,10 +201,10 @@ def _value_trace_objective(loaded, plan: NodePlan, batch: Batch, last_logits: to
 # --- forward-mode pass for in_edge of nodes downstream of a trace ---------------------------------------
 
 
-def _jvp_pass(loaded, plan: NodePlan, batch: Batch, means: dict, store: RawStore) -> None:
+def _jvp_pass(loaded, plan: NodePlan, batch: Batch, edits: Interventions, store: RawStore) -> None:
     trace, n_layers = plan.trace, loaded.config.n_layers
     hooks = HookSet()
-    add_ablations(hooks, plan.ablations, batch, means)
+    edits.add(hooks, batch)
     primal: dict[str, torch.Tensor] = {}
     for location in _write_sources(trace):
         hooks.add(location, trace.layer, _keep_primal(primal, location))

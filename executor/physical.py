@@ -25,6 +25,7 @@ from ..query.catalog import COMPONENTS
 from ..query.plan import BoundQuery, Loss, NodeQuery, NodeRef, Trace
 from .ablation import AblationSpec, ablation_spec, needs_means
 from .conditions import static_conditions_pass, token_conditions_relative
+from .interventions import PatchSpec, patch_specs
 from .scalars import SAE_INPUT, Deriver, Raw, Site, deriver
 
 # --- ordering of writes and reads along the residual stream ----------------------------------------
@@ -132,6 +133,7 @@ class NodePlan:
     grad_entry: Raw | None  # where autograd starts recording (below the lowest gradient)
     relative_positions: bool  # over-prompts positions counted from the end
     contribution_norm: int = 1
+    patch: tuple[PatchSpec, ...] = ()  # activations taken from the other prompt of each pair
 
     @property
     def needs_backward(self) -> bool:
@@ -186,6 +188,7 @@ def plan_node_query(bound: BoundQuery, cfg, *, saes: Collection[tuple[str, int]]
         grad_entry=_grad_entry(raws, trace),
         relative_positions=token_conditions_relative(query.where),
         contribution_norm=int(contribution.param("norm", 1)) if contribution else 1,
+        patch=patch_specs(query.patch),
     )
 
 

@@ -35,7 +35,7 @@ from ..query.plan import RoutesQuery
 from . import contrib
 from .arrow import ROUTE_EDGE_SCHEMA, ROUTE_NODE_SCHEMA, concat_tables, floats, ints, repeat
 from .keys import causal_mask
-from .runtime.batching import batches
+from .runtime.batching import AddHooks, batches
 
 # --- pure functions: thresholds and reachability --------------------------------------------------
 
@@ -149,6 +149,7 @@ def routes(
     *,
     token_budget: int = 2048,
     tile_elements: int = contrib.DEFAULT_TILE_ELEMENTS,
+    add_hooks: AddHooks | None = None,
 ) -> dict[str, pa.Table]:
     """LLM-TT's information-flow routes for every prompt of a bound query: {"route_nodes", "route_edges"}."""
     n_layers = loaded.config.n_layers
@@ -159,7 +160,7 @@ def routes(
             loaded.model, batch, range(n_layers), attention=True, mlp_blocks=True, neurons=False,
             norm=query.norm, queries=None, sink=store, tile_elements=tile_elements,
         )
-        contrib.run_capture(loaded, batch, capture)
+        contrib.run_capture(loaded, batch, capture, add_hooks=add_hooks)
         for row, n in enumerate(batch.lengths.tolist()):
             start = _from_position(query.from_token, n, batch.prompt_id(row))
             reach = reachable(store.attn[row], store.mlp[row], n, start)

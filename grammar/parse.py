@@ -168,6 +168,8 @@ ROLE_NAMES: dict[str, str] = {
     "dtype": "fp32, bf16 or fp16",
     "switch": "on or off",
     "mode": "cell or edge",
+    "patch source": "clean or corrupt",
+    "sweep": "head, attn, mlp, neuron, resid.pre, resid.mid, resid.post or latent",
 }
 _VALUE_WORDS: dict[str, str] = {
     "INT": "an integer",
@@ -228,6 +230,7 @@ _ROLE_AFTER_KEYWORD: dict[str, str] = {
     "ablate": "node kind", "trace": "node kind", "upvoted": "node kind",
     "via": "trace path", "over": "reduction", "as": "table", "set": "setting",
     "sae": "site", "dtype": "dtype", "ln_f": "switch", "renormalize": "switch", "mode": "mode",
+    "patch": "node kind", "from": "patch source",
 }
 _COMPARISONS = frozenset({"=", "!=", "<>", "<", "<=", ">", ">="})
 
@@ -240,6 +243,8 @@ def name_role(tokens: Sequence[Token]) -> str | None:
         if token.type in LITERALS and word in _ROLE_AFTER_KEYWORD:
             if not (word == "and" and role != "value"):  # `between 1 and 2` keeps the role
                 role = _ROLE_AFTER_KEYWORD[word]
+            if word == "of" and str(tokens[0]).lower() == "patching":
+                role = "sweep"
         elif word == "(" and role == "scalar":
             role = "parameter"
         elif word == ")" and role in ("parameter", "parameter value"):

@@ -20,6 +20,7 @@ from ..query.plan import (
     Condition,
     Loss,
     NodeRef,
+    Patch,
     Range,
     ScalarSpec,
     Trace,
@@ -129,8 +130,13 @@ class ToPlan(Transformer):
     def sae_stmt(self, site: Token, path: Token) -> plan.SaeStmt:
         return plan.SaeStmt(site=choose(site, catalog.SAE_SITES, "autoencoder site"), path=_path(path))
 
-    def prompt_stmt(self, texts: tuple[str, ...]) -> plan.PromptStmt:
-        return plan.PromptStmt(texts=texts)
+    def prompt_stmt(self, *items: tuple[str, str | None]) -> plan.PromptStmt:
+        texts = tuple(text for text, _ in items)
+        corrupts = tuple(corrupt for _, corrupt in items)
+        return plan.PromptStmt(texts=texts, corrupts=corrupts if any(c is not None for c in corrupts) else ())
+
+    def prompt_item(self, text: Token, corrupt: Token | None = None) -> tuple[str, str | None]:
+        return unquote(text), None if corrupt is None else unquote(corrupt)
 
     def prompts_file(self, path: Token) -> plan.PromptsFromFile:
         return plan.PromptsFromFile(path=_path(path))
@@ -195,7 +201,9 @@ class ToPlan(Transformer):
         return Clause("components", components, names[0].start_pos, "of")
 
     def by_clause(self, *names: Token) -> Clause:
-        keys = tuple(dict.fromkeys(choose(n, catalog.GROUP_KEYS, "group key") for n in names))
+        words = catalog.GROUP_KEYS + catalog.POSITION_WORDS
+        keys = [choose(n, words, "group key") for n in names]
+        keys = tuple(dict.fromkeys("token" if k in catalog.POSITION_WORDS else k for k in keys))
         return Clause("by", keys, names[0].start_pos)
 
     @v_args(meta=True)
@@ -281,6 +289,21 @@ class ToPlan(Transformer):
             raise NameProblem(f"{hook} needs an index: {hook}[N]", hook.start_pos)
         return _node_ref(component, int(layer_text), indices[0] if indices else None, at, hook.start_pos)
 
+    def location_ref(self, location: Token, layer: Token, *rest: object) -> NodeRef:
+        at = next((item for item in rest if isinstance(item, tuple)), (None, None))
+        kind = catalog.residual_kind(str(location).lower())
+        return _node_ref(kind, int(layer), None, at, location.start_pos)
+
+    @v_args(meta=True)
+    def patch_clause(self, meta, children: list) -> Clause:
+        *nodes, source = children
+        patch = Patch(nodes=tuple(nodes), source=choose(source, catalog.SOURCES, "patch source"))
+        return Clause("patch", patch, meta.start_pos, "patch")
+
+    @v_args(meta=True)
+    def verify_clause(self, meta, children: list) -> Clause:
+        return Clause("verify", True, meta.start_pos)
+
     def at(self, token: Token, key: Token | None = None) -> tuple[int, int | None]:
         return (int(token), int(key) if key is not None else None)
 
@@ -320,6 +343,13 @@ class ToPlan(Transformer):
 
     def routes_query(self, *clauses: Clause) -> plan.RoutesQuery:
         return plan.RoutesQuery(**fold(clauses))
+
+    def metric_query(self, *clauses: Clause) -> plan.MetricQuery:
+        return plan.MetricQuery(**fold(clauses))
+
+    def patching_query(self, kind: Token, source: Token, *clauses: Clause) -> plan.PatchingQuery:
+        return plan.PatchingQuery(of=choose(kind, tuple(catalog.SWEEPS), "patching component"),
+                                  source=choose(source, catalog.SOURCES, "patch source"), **fold(clauses))
 
     def threshold_clause(self, value: Token) -> Clause:
         threshold = float(value)

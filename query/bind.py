@@ -24,22 +24,22 @@ from collections.abc import Callable, Collection, Sequence
 
 from . import catalog
 from .catalog import COMPONENTS, LATENTS, SCALARS
+from .checks import Checks, int_values
 from .context import ModelInfo
-from .errors import LOSS_HINT, TdbqlError, nearest
+from .errors import LOSS_HINT, nearest
 from .plan import (
-    Ablation,
     BoundQuery,
     Condition,
     ExplainStmt,
     LogitLensQuery,
     LogitsQuery,
     Loss,
+    MetricQuery,
     ModelStmt,
     NodeQuery,
-    NodeRef,
+    PatchingQuery,
     PromptsFromSql,
     Query,
-    Range,
     RoutesQuery,
     ScalarSpec,
     SetStmt,
@@ -47,7 +47,6 @@ from .plan import (
     SqlStmt,
     Statement,
     TargetStmt,
-    Trace,
     UpvotedQuery,
 )
 
@@ -80,53 +79,43 @@ def bind_query(
     *,
     session_loss: Loss | None,
     prompts_have_targets: bool,
+    prompts_have_pairs: bool = False,
     source: str | None = None,
     explain: bool = False,
 ) -> BoundQuery:
-    """A bound model query with its loss resolved; an error when a gradient needs a loss and there
-    is none (no query target, no session target, and not every prompt carries its own)."""
+    """A bound model query with its loss resolved, checked against the session's prompt set: an
+    error when a gradient or a metric needs a loss and there is none (no query target, no session
+    target, and not every prompt carries its own), or a patch needs prompt pairs and there are
+    none."""
+    binder = _Binder(None, None, (), span, source)
+    patch = getattr(query, "patch", None)
+    if (patch is not None or isinstance(query, PatchingQuery)) and not prompts_have_pairs:
+        word = r"\bpatching\b" if isinstance(query, PatchingQuery) else r"\bpatch\b"
+        raise binder.fail("patching needs prompt pairs: give each prompt its corrupted version, "
+                          "`prompt \"...\" corrupt \"...\"` (or a `corrupt` column in the prompts file)", word)
     loss = getattr(query, "target", None) or session_loss
-    if isinstance(query, NodeQuery) and loss is None and not prompts_have_targets:
-        binder = _Binder(None, None, (), span, source)
+    if loss is None and not prompts_have_targets:
+        binder.needs_loss(query)
+    return BoundQuery(query=query, loss=loss, explain=explain)
+
+
+class _Binder(Checks):
+    def needs_loss(self, query: Query) -> None:
+        """The error for a query that reads the loss when the session has none."""
+        if isinstance(query, (MetricQuery, PatchingQuery)):
+            raise self.fail(f"{query.kind} measures the target: {LOSS_HINT}", rf"\b{query.kind}\b")
+        if not isinstance(query, NodeQuery):
+            return
         needing = [s.name for s in query.scalars if SCALARS[s.name].gradient]
         trace = query.trace
         if needing and trace is not None and trace.via == "v":
             node = trace.node
-            raise binder.fail(f"trace attn[{node.layer},{node.index}] via v weighs the head's write by the loss "
-                              f"gradient: {LOSS_HINT}", r"\btrace\b")
+            raise self.fail(f"trace attn[{node.layer},{node.index}] via v weighs the head's write by the loss "
+                            f"gradient: {LOSS_HINT}", r"\btrace\b")
         if needing and trace is None:
-            raise binder.fail(f"{', '.join(needing)} needs a loss: {LOSS_HINT}", rf"\b{needing[0]}\b")
-    return BoundQuery(query=query, loss=loss, explain=explain)
-
-
-class _Binder:
-    def __init__(self, info: ModelInfo | None, tokenize, tables: Collection[str], span: Span | None,
-                 source: str | None):
-        self.info, self.tokenize, self.span, self.source = info, tokenize, span, source
-        self.tables = {name.lower() for name in tables}
-        self.sae_layers: dict[str, dict[int, int]] = {}
-        for site, layer, n_latents in info.sae_latents if info else ():
-            self.sae_layers.setdefault(catalog.latent_component(site), {})[layer] = n_latents
-
-    # --- errors, placed at the text they are about when the source is known ---
-
-    def fail(self, message: str, near: str | None = None, suggestion: str | None = None) -> TdbqlError:
-        pos = self._locate(near) if near else None
-        if pos is None:
-            line, column = (self.span.line, self.span.column) if self.span else (None, None)
-        else:
-            line = self.source.count("\n", 0, pos) + 1
-            column = pos - (self.source.rfind("\n", 0, pos) + 1) + 1
-        return TdbqlError(message, line=line, column=column, source=self.source, suggestion=suggestion)
-
-    def _locate(self, pattern: str) -> int | None:
-        if self.source is None or self.span is None:
-            return None
-        body = self.source[self.span.start_pos : self.span.end_pos]
-        match = re.search(pattern, body, flags=re.IGNORECASE | re.DOTALL)
-        if match is None:
-            return None
-        return self.span.start_pos + (match.start("at") if "at" in match.re.groupindex else match.start())
+            raise self.fail(f"{', '.join(needing)} needs a loss: {LOSS_HINT}", rf"\b{needing[0]}\b")
+        if query.verify:
+            raise self.fail(f"verify measures the effect on the target: {LOSS_HINT}", r"\bverify\b")
 
     # --- statements ---
 
@@ -143,6 +132,8 @@ class _Binder:
                 raise self.fail(f"{name} needs a traced node: add `trace mlp[L,N]@t`", rf"\b{name}\b")
         if query.over_prompts and "prompt" in query.by:
             raise self.fail("`by prompt` cannot be combined with `over prompts`", r"\bby\b")
+        if query.verify:
+            self.check_verify(query)
         components = catalog.row_components(names, self.components(query, names))
         return query.model_copy(
             update={
@@ -152,8 +143,53 @@ class _Binder:
                 "ablations": tuple(self.ablation(a) for a in query.ablations),
                 "trace": trace,
                 "target": self.loss(query.target) if query.target else None,
+                "patch": self.patch(query.patch),
             }
         )
+
+    def check_verify(self, query: NodeQuery) -> None:
+        """`verify` re-measures each ranked row on the target: a ranking on the target is needed."""
+        near = r"\bverify\b"
+        if query.mode == "select":
+            raise self.fail("verify checks a ranking: use topk or bottomk (select ranks nothing)", near)
+        if query.trace is not None:
+            raise self.fail("verify measures the effect on the target; a traced query ranks by the traced node", near)
+        if query.over_prompts:
+            raise self.fail("verify runs per prompt: leave out `over prompts` (or group with `by prompt`)", near)
+        if query.patch is not None:
+            raise self.fail("verify runs the clean prompts (or, for attrib_patch, the pairs): leave out `patch`", near)
+
+    def visit_MetricQuery(self, query: MetricQuery) -> MetricQuery:
+        self.group_keys(query.by, "metric")
+        if query.over_prompts and "prompt" in query.by:
+            raise self.fail("`by prompt` cannot be combined with `over prompts`", r"\bby\b")
+        return query.model_copy(update={
+            "ablations": tuple(self.ablation(a) for a in query.ablations),
+            "patch": self.patch(query.patch),
+            "target": self.loss(query.target) if query.target else None,
+        })
+
+    def visit_PatchingQuery(self, query: PatchingQuery) -> PatchingQuery:
+        self.group_keys(query.by, "patching")
+        if query.over_prompts and "prompt" in query.by:
+            raise self.fail("`by prompt` cannot be combined with `over prompts`", r"\bby\b")
+        if query.of == "latent" and not self.loaded_latents():
+            raise self.fail("patching of latent needs an autoencoder: load one with `sae mlp from 'path'`",
+                            r"\blatent\b")
+        unit = catalog.SWEEPS[query.of].unit
+        components = {"head": ("head",), "neuron": ("mlp",), "latent": self.loaded_latents()}.get(unit, ())
+        return query.model_copy(update={
+            "where": tuple(self.condition(c, catalog.QUERY_FIELDS["patching"], components, ()) for c in query.where),
+            "ablations": tuple(self.ablation(a) for a in query.ablations),
+            "target": self.loss(query.target) if query.target else None,
+        })
+
+    def group_keys(self, by: Sequence[str], kind: str) -> None:
+        allowed = catalog.QUERY_GROUP_KEYS[kind]
+        for key in by:
+            if key not in allowed:
+                shown = ", ".join("position" if k == "token" else k for k in allowed)
+                raise self.fail(f"{kind} groups by {shown}, not {key}", r"\bby\b")
 
     def visit_LogitsQuery(self, query: LogitsQuery) -> LogitsQuery:
         return self.logits_like(query, "logits")
@@ -163,8 +199,8 @@ class _Binder:
 
     def visit_UpvotedQuery(self, query: UpvotedQuery) -> UpvotedQuery:
         node = self.node_ref(query.node)
-        near = rf"\b{query.node.component}\b"
-        if node.component == "resid":
+        near = rf"\b{re.escape(query.node.component)}\b"
+        if node.component in catalog.RESIDUALS:
             raise self.fail("upvoted takes mlp[L,N], attn[L,H], sae[L,I] or a whole block (mlp[L], attn[L], "
                             "block[L]); use logit_lens for resid[L]", near)
         if node.key is not None and node.token is None:
@@ -179,8 +215,9 @@ class _Binder:
         if not 0 <= query.threshold < 1:
             raise self.fail(f"routes threshold must be in [0, 1), not {query.threshold}", r"\bthreshold\b")
         if query.from_token is not None:
-            self.token(query.from_token, "token", near=r"\bfrom\b")
-        return query
+            self.token(query.from_token, "token", near=r"\bfrom\s+token\b")
+        return query.model_copy(update={"ablations": tuple(self.ablation(a) for a in query.ablations),
+                                         "patch": self.patch(query.patch)})
 
     def visit_ExplainStmt(self, stmt: ExplainStmt) -> ExplainStmt:
         return stmt.model_copy(update={"query": self.statement(stmt.query)})
@@ -207,6 +244,7 @@ class _Binder:
                 "k": self.vocab_k(query.k),
                 "where": tuple(self.condition(c, fields, (), ()) for c in query.where),
                 "ablations": tuple(self.ablation(a) for a in query.ablations),
+                "patch": self.patch(query.patch),
             }
         )
 
@@ -257,9 +295,6 @@ class _Binder:
                 raise self.fail(f"{spec.name}({key}={value}): {key} must be {choices}", rf"\b{key}\b")
         params = tuple((p.name, given.get(p.name, p.default)) for p in scalar.params)
         return spec.model_copy(update={"params": params})
-
-    def loaded_latents(self) -> tuple[str, ...]:
-        return tuple(c for c in LATENTS if c in self.sae_layers)
 
     def components(self, query: NodeQuery, names: Sequence[str]) -> tuple[str, ...]:
         if not query.components:
@@ -324,7 +359,7 @@ class _Binder:
             return cond
         if cond.field == "component":
             return self.component_condition(cond, components, near)
-        for value in _ints(cond.value):
+        for value in int_values(cond.value):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise self.fail(f"{cond.field} takes integers, got {value!r}", near)
             self.field_value(cond.field, value, components, near)
@@ -362,124 +397,3 @@ class _Binder:
         if unit == "neuron":
             return self.info.d_mlp
         return 1
-
-    # --- ranges ---
-
-    def in_range(self, value: int, limit: int, what: str, why: str, near: str | None) -> None:
-        if not 0 <= value < limit:
-            raise self.fail(f"{what} is out of range: {why} (0..{limit - 1})", near)
-
-    def layer(self, layer: int, near: str | None) -> None:
-        n = self.info.n_layers
-        self.in_range(layer, n, f"layer {layer}", f"the model has {n} layers", near)
-
-    def token(self, token: int, what: str, near: str | None) -> None:
-        n_ctx = self.info.n_ctx
-        if not -n_ctx <= token < n_ctx:
-            raise self.fail(
-                f"{what} {token} is out of range: the model reads at most {n_ctx} tokens "
-                f"({-n_ctx}..{n_ctx - 1}, negative counts from the end)", near,
-            )
-
-    def vocab_k(self, k: int) -> int:
-        if k > self.info.vocab_size:
-            raise self.fail(f"topk {k} is more than the vocabulary ({self.info.vocab_size} tokens)", r"\btopk\b")
-        return k
-
-    # --- node references, ablations, traces ---
-
-    def node_ref(self, node: NodeRef) -> NodeRef:
-        near = rf"(\b{node.component}|blocks\.{node.layer}\.)"
-        component = node.component
-        if component == catalog.SAE_WORD:
-            component = self.resolve_sae(node, near)
-        self.layer(node.layer, near)
-        if node.index is None:  # resid[L], block[L], or a whole sublayer write mlp[L] / attn[L]
-            pass
-        elif component == "mlp":
-            limit = self.info.d_mlp
-            self.in_range(node.index, limit, f"neuron {node.index}", f"MLP layers have {limit} neurons", near)
-        elif component == "attn":
-            self.in_range(node.index, self.info.n_heads, f"head {node.index}", f"the model has {self.info.n_heads} heads", near)
-        elif component in LATENTS:
-            self.latent(component, node, near)
-        for token in (node.token, node.key):
-            if token is not None:
-                self.token(token, "token", near)
-        if node.token is not None and node.key is not None and (node.token < 0) == (node.key < 0) and node.key > node.token:
-            raise self.fail(f"key token {node.key} comes after query token {node.token}; attention only looks back", near)
-        return node if component == node.component else node.model_copy(update={"component": component})
-
-    def resolve_sae(self, node: NodeRef, near: str) -> str:
-        loaded = [c for c in self.loaded_latents() if node.layer in self.sae_layers[c]]
-        if len(loaded) == 1:
-            return loaded[0]
-        if not loaded:
-            raise self.fail(f"no autoencoder is loaded at layer {node.layer}: load one with `sae mlp from 'path'`", near)
-        written = " or ".join(f"{c}[{node.layer},{node.index}]" for c in loaded)
-        raise self.fail(f"sae[{node.layer},{node.index}] is ambiguous: write {written}", near)
-
-    def latent(self, component: str, node: NodeRef, near: str) -> None:
-        site = COMPONENTS[component].site
-        layers = self.sae_layers.get(component, {})
-        if node.layer not in layers:
-            have = f" (loaded at layers {', '.join(map(str, sorted(layers)))})" if layers else ""
-            raise self.fail(f"no {site} autoencoder is loaded at layer {node.layer}{have}", near)
-        n = layers[node.layer]
-        self.in_range(node.index, n, f"latent {node.index}", f"the {site} autoencoder at layer {node.layer} has {n} latents", near)
-
-    def ablation(self, ablation: Ablation) -> Ablation:
-        if catalog.NODE_REFS[ablation.node.component] == "none":
-            kind = ablation.node.component
-            raise self.fail(f"{kind} cannot be ablated: ablate MLP neurons, attention heads or latents", rf"\b{kind}\b")
-        return ablation.model_copy(update={"node": self.node_ref(ablation.node)})
-
-    def trace(self, trace: Trace) -> Trace:
-        node = trace.node
-        if catalog.NODE_REFS[node.component] == "none":
-            raise self.fail(f"trace takes an MLP neuron, an attention head or a latent, not {node.component}", r"\btrace\b")
-        if node.token is None:
-            written = f"{node.component}[{node.layer},{node.index}]@t"
-            raise self.fail(f"trace needs a token position: write {written}", r"\btrace\b")
-        if node.component == "attn" and node.key is None and trace.via != "v":
-            raise self.fail(f"trace of an attention head needs a key token: attn[{node.layer},{node.index}]@t:u "
-                            "(or `via v` for its whole write)", r"\btrace\b")
-        return trace.model_copy(update={"node": self.node_ref(node)})
-
-    # --- losses and SQL ---
-
-    def loss(self, loss: Loss) -> Loss:
-        for role, texts in (("target", loss.targets), ("distractor", loss.distractors)):
-            for text in texts:
-                self.single_token(text, role)
-        return loss
-
-    def single_token(self, text: str, role: str) -> None:
-        ids = self.tokenize(text)
-        if len(ids) != 1:
-            count = "empty" if not ids else f"{len(ids)} tokens"
-            near = rf"([\"']){re.escape(text)}\1"
-            raise self.fail(f"{role} {text!r} is {count}; {role}s must be single tokens", near)
-
-    def check_tables(self, sql: str) -> None:
-        ctes = {m.group(1).lower() for m in re.finditer(r"(?:\bwith|,)\s+([A-Za-z_]\w*)\s+as\s*\(", sql, re.IGNORECASE)}
-        scrubbed = re.sub(r"'(?:[^']|'')*'", "''", sql)
-        for match in re.finditer(r"\b(?:from|join)\s+([A-Za-z_][\w.]*)(\s*\()?", scrubbed, re.IGNORECASE):
-            if match.group(2):  # a table function such as read_parquet(...)
-                continue
-            name = match.group(1).split(".")[-1].lower()
-            if name not in self.tables and name not in ctes:
-                known = sorted(self.tables)
-                listed = f" (tables: {', '.join(known)})" if known and len(known) <= 12 else ""
-                raise self.fail(
-                    f"unknown table '{match.group(1)}'{listed}", rf"\b{re.escape(match.group(1))}\b",
-                    nearest(name, known),
-                )
-
-
-def _ints(value: object) -> tuple[object, ...]:
-    if isinstance(value, Range):
-        return (value.lo, value.hi)
-    if isinstance(value, tuple):
-        return value
-    return (value,)

@@ -72,9 +72,17 @@ NODE_REFS: dict[str, str] = {
     "attn": "optional",
     SAE_WORD: "required",
     **{name: "required" for name in LATENTS},
-    "resid": "none",
+    "resid": "none",  # resid[L] = resid.post[L]
+    "resid.pre": "none",
+    "resid.mid": "none",
     "block": "none",
 }
+RESIDUALS: tuple[str, ...] = ("resid.pre", "resid.mid", "resid")  # residual-vector node kinds
+
+
+def residual_kind(location: str) -> str:
+    """The node kind of a residual location word: resid.post is `resid`."""
+    return "resid" if location == "resid.post" else location
 
 # --- scalars ---------------------------------------------------------------------------------------
 
@@ -175,6 +183,37 @@ def applicability_table() -> str:
     return "\n".join(lines)
 
 
+# --- interventions: prompt pairs, patches, patching sweeps -----------------------------------------
+
+# `patch ... from clean`: the activations come from the clean prompt of each pair and the corrupt
+# prompt runs (denoising); `from corrupt`: the other way round (noising)
+SOURCES: tuple[str, ...] = ("clean", "corrupt")
+
+
+@dataclass(frozen=True)
+class SweepDef:
+    """`patching of NAME`: what one patched variant replaces. `unit`: what the `unit` column
+    counts (None: the whole vector of a layer)."""
+
+    name: str
+    location: str
+    unit: str | None
+    words: str
+
+
+_SWEEP_LIST = (
+    SweepDef("head", "attn.z", "head", "each head's output (its slice of the attention output projection's input)"),
+    SweepDef("attn", "attn.out", None, "each attention layer's output"),
+    SweepDef("mlp", "mlp.out", None, "each MLP layer's output"),
+    SweepDef("neuron", "mlp.post", "neuron", "each MLP neuron's post-activation"),
+    SweepDef("resid.pre", "resid.pre", None, "the residual stream before each layer"),
+    SweepDef("resid.mid", "resid.mid", None, "the residual stream between attention and MLP"),
+    SweepDef("resid.post", "resid.post", None, "the residual stream after each layer"),
+    SweepDef("latent", "sae.latent", "latent", "each latent of every loaded autoencoder"),
+)
+SWEEPS: dict[str, SweepDef] = {s.name: s for s in _SWEEP_LIST}
+
+
 # --- where fields, grouping, reductions ------------------------------------------------------------
 
 NODE_FIELDS: tuple[str, ...] = ("layer", "token", "attended", "head", "unit", "prompt", "component")
@@ -183,8 +222,12 @@ QUERY_FIELDS: dict[str, tuple[str, ...]] = {
     "nodes": NODE_FIELDS,
     "logits": ("token", "prompt"),
     "logit_lens": ("layer", "token", "prompt"),
+    "patching": ("layer", "token", "head", "unit", "prompt"),
 }
 GROUP_KEYS: tuple[str, ...] = ("layer", "token", "prompt", "component")
+POSITION_WORDS: tuple[str, ...] = ("position",)  # `by position` is `by token`
+# the `by` keys each query kind takes besides the node queries' GROUP_KEYS
+QUERY_GROUP_KEYS: dict[str, tuple[str, ...]] = {"metric": ("prompt",), "patching": ("token", "prompt")}
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "max")
 TRACE_PATHS: tuple[str, ...] = ("q", "k", "qk", "v")
 ROUTE_MODES: tuple[str, ...] = ("cell", "edge")
@@ -283,6 +326,8 @@ LOCATION_NODES: dict[str, tuple[str, bool]] = {
     "attn.z": ("attn", False),
     "mlp.out": ("mlp", True),
     "attn.out": ("attn", True),
+    "resid.pre": ("resid.pre", True),
+    "resid.mid": ("resid.mid", True),
     "resid.post": ("resid", True),
 }
 # SAELens names an autoencoder's latents `<hook it reads>.hook_sae_acts_post`

@@ -30,3 +30,9 @@ class PromptRow(Node):
     text: str
     target: str | None = None
     distractor: str | None = None
+    corrupt: str | None = None  # the corrupted prompt of the pair (`prompt "..." corrupt "..."`)
+
+
+# A result table's schema metadata may carry a note for the user under this key (verify's rank
+# correlation); the session prints it under the table.
+NOTE_KEY = b"tdbql.note"

@@ -35,6 +35,8 @@ Reduction = Literal[catalog.REDUCTIONS]
 Dtype = Literal[catalog.DTYPES]
 TracePath = Literal[catalog.TRACE_PATHS]
 ResidualLocation = Literal[catalog.RESIDUAL_LOCATIONS]
+Source = Literal[catalog.SOURCES]
+SweepKind = Literal[tuple(catalog.SWEEPS)]
 
 
 class Range(Node):
@@ -88,6 +90,15 @@ class Ablation(Node):
     value: float | Literal["mean"]
 
 
+class Patch(Node):
+    """`patch attn[3,1], resid.pre[2]@-1 from clean`: each pair's other prompt runs with these
+    activations taken from `source` (clean: the corrupt prompt runs, denoising; corrupt: the clean
+    prompt runs, noising). Positions align from the end of each prompt."""
+
+    nodes: tuple[NodeRef, ...]
+    source: Source
+
+
 class Trace(Node):
     """`trace mlp[5,100]@7` or `trace attn[3,2]@7:4 via q`: replace the loss by the node's
     pre-activation (layer-norm scale detached). Attention traces the QK logit and may be
@@ -123,8 +134,12 @@ class SaeStmt(Node):
 
 
 class PromptStmt(Node):
+    """`prompt "a", "b" corrupt "b2"`: `corrupts` holds each text's corrupted prompt (None: not a
+    pair); empty when no text has one."""
+
     kind: Literal["prompt"] = "prompt"
     texts: tuple[str, ...]
+    corrupts: tuple[str | None, ...] = ()
 
 
 class PromptsFromFile(Node):
@@ -174,6 +189,8 @@ class NodeQuery(Node):
     trace: Trace | None = None
     over_prompts: Reduction | None = None
     target: Loss | None = None  # overrides the session target for this query
+    patch: Patch | None = None
+    verify: bool = False  # add actual_effect: the real intervention for each ranked row
     name: str | None = None
 
 
@@ -185,6 +202,7 @@ class LogitsQuery(Node):
     k: int = 10
     where: tuple[Condition, ...] = ()
     ablations: tuple[Ablation, ...] = ()
+    patch: Patch | None = None
     name: str | None = None
 
 
@@ -200,6 +218,7 @@ class LogitLensQuery(Node):
     use_ln_f: bool = True
     at: ResidualLocation = "resid.post"
     ablations: tuple[Ablation, ...] = ()
+    patch: Patch | None = None
     name: str | None = None
 
 
@@ -226,6 +245,38 @@ class RoutesQuery(Node):
     from_token: int | None = None
     threshold_mode: Literal["cell", "edge"] = "cell"
     norm: Literal[1, 2] = 1
+    ablations: tuple[Ablation, ...] = ()
+    patch: Patch | None = None
+    name: str | None = None
+
+
+class MetricQuery(Node):
+    """`metric [ablate ...] [patch ...] [by prompt | over prompts mean] [as NAME]`: the target
+    (logit difference or logprob at the last token) per prompt, or reduced over prompts: on the
+    clean prompt, on the corrupt one (pairs), and under the statement's interventions."""
+
+    kind: Literal["metric"] = "metric"
+    ablations: tuple[Ablation, ...] = ()
+    patch: Patch | None = None
+    by: tuple[GroupKey, ...] = ()
+    over_prompts: Reduction | None = None
+    target: Loss | None = None
+    name: str | None = None
+
+
+class PatchingQuery(Node):
+    """`patching of head from clean [by position] [where ...]`: a patching sweep, each component
+    (and position) patched alone from `source` into the other prompt of each pair; one row per
+    component with the metric clean, corrupt, patched and the share recovered."""
+
+    kind: Literal["patching"] = "patching"
+    of: SweepKind
+    source: Source
+    where: tuple[Condition, ...] = ()
+    by: tuple[GroupKey, ...] = ()
+    ablations: tuple[Ablation, ...] = ()
+    over_prompts: Reduction | None = None
+    target: Loss | None = None
     name: str | None = None
 
 
@@ -236,10 +287,8 @@ class SqlStmt(Node):
     text: str
 
 
-Query = Annotated[
-    Union[NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery],
-    Field(discriminator="kind"),
-]
+QUERY_TYPES = (NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery, MetricQuery, PatchingQuery)
+Query = Annotated[Union[QUERY_TYPES], Field(discriminator="kind")]
 
 
 class BoundQuery(Node):
@@ -271,6 +320,8 @@ Statement = Annotated[
         LogitLensQuery,
         UpvotedQuery,
         RoutesQuery,
+        MetricQuery,
+        PatchingQuery,
         ExplainStmt,
         SqlStmt,
     ],

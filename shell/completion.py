@@ -109,8 +109,8 @@ def _names_for(role: str | None, tokens: Sequence, scalars: Sequence[str], compo
     if role == "field":
         if head in ("logits", "logprobs"):
             return list(catalog.QUERY_FIELDS["logits"])
-        if head == "logit_lens":
-            return list(catalog.QUERY_FIELDS["logit_lens"])
+        if head in ("logit_lens", "patching"):
+            return list(catalog.QUERY_FIELDS[head])
         return list(catalog.NODE_FIELDS) + list(scalars)
     if role == "value":
         field = _last_field(tokens)
@@ -119,7 +119,7 @@ def _names_for(role: str | None, tokens: Sequence, scalars: Sequence[str], compo
         "scalar": scalars,
         "component": components,
         "group key": catalog.GROUP_KEYS,
-        "node kind": tuple(catalog.NODE_REFS),
+        "node kind": tuple(k for k in catalog.NODE_REFS if "." not in k),  # resid.pre & co. lex as LOCATION
         "trace path": catalog.TRACE_PATHS,
         "reduction": catalog.REDUCTIONS,
         "site": catalog.SAE_SITES,
@@ -128,6 +128,8 @@ def _names_for(role: str | None, tokens: Sequence, scalars: Sequence[str], compo
         "mode": catalog.ROUTE_MODES,
         "parameter": tuple(dict.fromkeys(p.name for s in catalog.SCALARS.values() for p in s.params)),
         "setting": tuple(catalog.SETTINGS),
+        "patch source": catalog.SOURCES,
+        "sweep": tuple(s for s in catalog.SWEEPS if "." not in s),  # resid.pre & co. lex as LOCATION
     }
     return list(fixed.get(role or "", ()))
 

@@ -23,8 +23,8 @@ from ..query import catalog
 from ..query.errors import TdbqlError, nearest
 from .format import DEFAULT_MAX_ROWS, FORMATS, format_table, render_result
 from .prompts import describe_loss
-from .session import Session, describe_model
-from .text import quote_ident, substitute_params
+from .session import Session
+from .text import describe_model, quote_ident, substitute_params
 
 
 @dataclass

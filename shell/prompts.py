@@ -1,13 +1,13 @@
 """Prompt sets: read jsonl/json/csv/parquet/txt files or a SQL result into `PromptRow`s.
 
 Columns: `prompt` (or `text`), optional `target` and `distractor` (the per-prompt loss, which
-overrides the session `target`). Extra columns are ignored. A `.txt` file has one prompt per line.
+overrides the session `target`) and `corrupt` (the corrupted prompt of the pair, for patching). Extra columns are ignored. A `.txt` file has one prompt per line.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +18,8 @@ from ..query.plan import Loss
 
 PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt")
 TEXT_COLUMNS: tuple[str, ...] = ("prompt", "text")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("target", "distractor", "corrupt")
+PROMPT_COLUMNS: tuple[str, ...] = TEXT_COLUMNS + OPTIONAL_COLUMNS
 
 
 def read_prompt_file(path: Path) -> list[PromptRow]:
@@ -51,8 +53,8 @@ def _read_arrow(path: Path, suffix: str) -> pa.Table:
         import pyarrow.csv as pc
 
         parse = pc.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-        convert = pc.ConvertOptions(strings_can_be_null=False, column_types={c: pa.string() for c in
-                                                                             ("prompt", "text", "target", "distractor")})
+        convert = pc.ConvertOptions(strings_can_be_null=False,
+                                    column_types={c: pa.string() for c in PROMPT_COLUMNS})
         return pc.read_csv(path, parse_options=parse, convert_options=convert)
     import pyarrow.parquet as pq
 
@@ -60,20 +62,20 @@ def _read_arrow(path: Path, suffix: str) -> pa.Table:
 
 
 def prompts_from_arrow(table: pa.Table, *, source: str = "the result") -> list[PromptRow]:
-    """Rows from an Arrow table with a `prompt` or `text` column (and optional target/distractor)."""
+    """Rows from an Arrow table with a `prompt` or `text` column (and optional target, distractor,
+    corrupt)."""
     text_col = next((c for c in TEXT_COLUMNS if c in table.column_names), None)
     if text_col is None:
         raise TdbqlError(
             f"{source} has no 'prompt' or 'text' column (columns: {', '.join(table.column_names) or 'none'})"
         )
     texts = table.column(text_col).to_pylist()
-    targets = _optional_column(table, "target")
-    distractors = _optional_column(table, "distractor")
+    optional = {name: _optional_column(table, name) for name in OPTIONAL_COLUMNS}
     rows = []
     for i, text in enumerate(texts):
         if text is None:
             raise TdbqlError(f"{source}: row {i + 1} has an empty {text_col}")
-        rows.append(PromptRow(prompt_id=i, text=str(text), target=targets[i], distractor=distractors[i]))
+        rows.append(PromptRow(prompt_id=i, text=str(text), **{name: values[i] for name, values in optional.items()}))
     if not rows:
         raise TdbqlError(f"{source} has no rows")
     return rows
@@ -85,8 +87,9 @@ def _optional_column(table: pa.Table, name: str) -> list[str | None]:
     return [None if v in (None, "") else str(v) for v in table.column(name).to_pylist()]
 
 
-def prompt_rows(texts: tuple[str, ...] | list[str]) -> list[PromptRow]:
-    return [PromptRow(prompt_id=i, text=t) for i, t in enumerate(texts)]
+def prompt_rows(texts: Sequence[str], corrupts: Sequence[str | None] = ()) -> list[PromptRow]:
+    corrupts = list(corrupts) or [None] * len(texts)
+    return [PromptRow(prompt_id=i, text=t, corrupt=c) for i, (t, c) in enumerate(zip(texts, corrupts))]
 
 
 def resolve_path(path: str, source_name: str | None) -> Path:
@@ -102,12 +105,14 @@ def resolve_path(path: str, source_name: str | None) -> Path:
 # --- the session's prompts and tokens tables --------------------------------------------------------
 
 PROMPTS_SCHEMA = pa.schema([("prompt_id", pa.int64()), ("text", pa.string()), ("target", pa.string()),
-                            ("distractor", pa.string()), ("n_tokens", pa.int64())])
+                            ("distractor", pa.string()), ("n_tokens", pa.int64()), ("corrupt", pa.string()),
+                            ("corrupt_n_tokens", pa.int64())])
 TOKENS_SCHEMA = pa.schema([("prompt_id", pa.int64()), ("position", pa.int64()), ("token_id", pa.int64()),
                            ("token", pa.string())])
 
 
-def prompts_table(prompts: list[PromptRow], encoded: list[list[int]]) -> pa.Table:
+def prompts_table(prompts: list[PromptRow], encoded: list[list[int]],
+                  corrupt_encoded: list[list[int] | None]) -> pa.Table:
     return pa.table(
         {
             "prompt_id": [p.prompt_id for p in prompts],
@@ -115,13 +120,18 @@ def prompts_table(prompts: list[PromptRow], encoded: list[list[int]]) -> pa.Tabl
             "target": [p.target for p in prompts],
             "distractor": [p.distractor for p in prompts],
             "n_tokens": [len(ids) for ids in encoded],
+            "corrupt": [p.corrupt for p in prompts],
+            "corrupt_n_tokens": [None if ids is None else len(ids) for ids in corrupt_encoded],
         },
         schema=PROMPTS_SCHEMA,
     )
 
 
-def tokens_table(prompts: list[PromptRow], encoded: list[list[int]], token_str: Callable[[int], str]) -> pa.Table:
-    rows = [(p.prompt_id, pos, tid, token_str(tid)) for p, ids in zip(prompts, encoded) for pos, tid in enumerate(ids)]
+def tokens_table(prompts: list[PromptRow], encoded: list[list[int] | None],
+                 token_str: Callable[[int], str]) -> pa.Table:
+    """One row per token (prompts without `encoded` ids, e.g. no corrupted prompt, give none)."""
+    rows = [(p.prompt_id, pos, tid, token_str(tid)) for p, ids in zip(prompts, encoded) if ids is not None
+            for pos, tid in enumerate(ids)]
     columns = list(zip(*rows)) if rows else [[], [], [], []]
     return pa.table({name: list(col) for name, col in zip(TOKENS_SCHEMA.names, columns)}, schema=TOKENS_SCHEMA)
 

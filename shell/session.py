@@ -23,16 +23,14 @@ import pyarrow as pa
 
 from ..grammar.parse import parse
 from ..query.bind import bind, bind_query, needs_model
-from ..query.context import ModelInfo, PromptRow
+from ..query.context import NOTE_KEY, ModelInfo, PromptRow
 from ..query.errors import TdbqlError
 from ..query.plan import (
+    QUERY_TYPES,
     BoundQuery,
     ExplainStmt,
-    LogitLensQuery,
-    LogitsQuery,
     Loss,
     ModelStmt,
-    NodeQuery,
     PromptsFromFile,
     PromptsFromSql,
     PromptStmt,
@@ -42,7 +40,6 @@ from ..query.plan import (
     Span,
     SqlStmt,
     TargetStmt,
-    UpvotedQuery,
 )
 from .prompts import (
     describe_loss,
@@ -54,6 +51,9 @@ from .prompts import (
     tokens_table,
 )
 from .text import (
+    SQL_ROW_COUNT_WORDS,
+    SQL_ROW_RESULT_WORDS,
+    describe_model,
     duckdb_message,
     first_word,
     is_interrupt,
@@ -65,13 +65,7 @@ from .text import (
 )
 
 ProgressFn = Callable[[int, int], None]
-MODEL_QUERIES = (NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery)
 
-SQL_ROW_RESULT_WORDS = frozenset(
-    "select with from values table describe show summarize pivot unpivot pragma explain call".split()
-)
-
-SQL_ROW_COUNT_WORDS = frozenset({"insert", "update", "delete", "copy", "merge"})
 
 QUERIES_DDL = """
 CREATE TABLE IF NOT EXISTS queries (
@@ -179,7 +173,7 @@ class Session:
         """A file database remembers its prompt set across sessions."""
         if "prompts" not in self.table_names():
             return
-        table = self.con.sql("SELECT text, target, distractor FROM prompts ORDER BY prompt_id").to_arrow_table()
+        table = self.con.sql("SELECT * FROM prompts ORDER BY prompt_id").to_arrow_table()
         if table.num_rows:
             self.prompts = prompts_from_arrow(table, source="table prompts")
 
@@ -272,7 +266,7 @@ class Session:
         stmt = bind(stmt, span, info=loaded.info(), tokenize=loaded.encode, tables=self.table_names(), source=text)
         if isinstance(stmt, ExplainStmt):
             return self._bind_query(stmt.query, span, text, explain=True)
-        if isinstance(stmt, MODEL_QUERIES):
+        if isinstance(stmt, QUERY_TYPES):
             return self._bind_query(stmt, span, text)
         return stmt
 
@@ -280,7 +274,8 @@ class Session:
         if not self.prompts:
             raise TdbqlError('no prompts yet: add one with prompt "..." or prompts from \'file.jsonl\'')
         return bind_query(query, span, session_loss=self.loss, source=text, explain=explain,
-                          prompts_have_targets=all(p.target for p in self.prompts))
+                          prompts_have_targets=all(p.target for p in self.prompts),
+                          prompts_have_pairs=all(p.corrupt is not None for p in self.prompts))
 
     def _dispatch(self, stmt, span: Span, text: str, source_name: str | None) -> StatementResult:
         handlers = {
@@ -324,7 +319,7 @@ class Session:
             raise TdbqlError(f"loading {what} from a local path is disabled in --safe mode: {path}")
 
     def _run_prompt(self, stmt: PromptStmt, result: StatementResult, source_name) -> StatementResult:
-        return self._set_prompts(prompt_rows(stmt.texts), result)
+        return self._set_prompts(prompt_rows(stmt.texts, stmt.corrupts), result)
 
     def _run_prompts_file(self, stmt: PromptsFromFile, result: StatementResult, source_name) -> StatementResult:
         if self.safe:
@@ -343,20 +338,33 @@ class Session:
     def _set_prompts(self, rows: list[PromptRow], result: StatementResult) -> StatementResult:
         self.set_prompts(rows)
         result.table_name = "prompts"
-        result.message = f"{len(rows)} prompt{'s' if len(rows) != 1 else ''}"
+        pairs = sum(p.corrupt is not None for p in rows)
+        result.message = f"{len(rows)} prompt{'s' if len(rows) != 1 else ''}" + (
+            f" ({pairs} with a corrupted prompt)" if pairs else "")
         return result
 
     def _write_prompt_tables(self, rows: list[PromptRow]) -> None:
+        """The prompts, tokens and corrupt_tokens tables, written in one transaction (every prompt
+        checked against the model's context first, as batching does)."""
+        from ..executor.runtime.batching import encode_prompts
+
         loaded = self.loaded
-        encoded = [loaded.encode(p.text) for p in rows]
-        limit = loaded.info().n_ctx
-        for p, ids in zip(rows, encoded):
-            if not ids:
-                raise TdbqlError(f"prompt {p.prompt_id} is empty after tokenizing")
-            if len(ids) > limit:
-                raise TdbqlError(f"prompt {p.prompt_id} has {len(ids)} tokens; the model's context is {limit}")
-        self._store("prompts", prompts_table(rows, encoded))
-        self._store("tokens", tokens_table(rows, encoded, loaded.token_str))
+        encoded = encode_prompts(loaded, rows)
+        pairs = [p for p in rows if p.corrupt is not None]
+        corrupt_ids = iter(encode_prompts(loaded, [p.model_copy(update={"text": p.corrupt}) for p in pairs],
+                                          what="corrupt prompt"))
+        corrupt_encoded = [next(corrupt_ids) if p.corrupt is not None else None for p in rows]
+        tables = {"prompts": prompts_table(rows, encoded, corrupt_encoded),
+                  "tokens": tokens_table(rows, encoded, loaded.token_str),
+                  "corrupt_tokens": tokens_table(rows, corrupt_encoded, loaded.token_str)}
+        self.con.begin()
+        try:
+            for name, table in tables.items():
+                self._store(name, table)
+        except BaseException:
+            self.con.rollback()
+            raise
+        self.con.commit()
 
     def _run_target(self, stmt: TargetStmt, result: StatementResult, source_name) -> StatementResult:
         self.loss = stmt.loss
@@ -428,6 +436,9 @@ class Session:
         result.table, result.table_name = shown, shown_name
         if len(named) > 1:
             result.message = "tables: " + ", ".join(f"{n} ({t.num_rows} rows)" for n, t in named.items())
+        note = (shown.schema.metadata or {}).get(NOTE_KEY)
+        if note:
+            result.message = note.decode()
         return result
 
     def _next_query_id(self) -> int:
@@ -467,7 +478,7 @@ def _same_key(a: tuple, b: tuple) -> bool:
     return loaded_a is loaded_b and same_saes and settings_a == settings_b
 
 
-RESERVED_TABLES = frozenset({"prompts", "tokens", "queries", "_"})
+RESERVED_TABLES = frozenset({"prompts", "tokens", "corrupt_tokens", "queries", "_"})
 
 
 def _check_result_name(name: str | None) -> None:
@@ -481,9 +492,3 @@ def _shown_table(named: dict[str, pa.Table]) -> tuple[str, pa.Table]:
         if name.endswith("_edges"):
             return name, table
     return next(iter(named.items()))
-
-
-def describe_model(info: ModelInfo, settings: Settings) -> str:
-    saes = f", {len(info.sae_latents)} autoencoders" if info.sae_latents else ""
-    return (f"model {info.name} ({info.arch}: {info.n_layers} layers, {info.n_heads} heads, d_model {info.d_model}, "
-            f"d_mlp {info.d_mlp}, vocab {info.vocab_size}{saes}) on {settings.device} in {settings.dtype}")

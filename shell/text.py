@@ -8,6 +8,7 @@ import re
 import duckdb
 
 from ..grammar.split import split_statements
+from ..query.context import ModelInfo
 from ..query.errors import TdbqlError, nearest
 from ..query.plan import Span
 
@@ -15,6 +16,11 @@ from ..query.plan import Span
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
+
+SQL_ROW_RESULT_WORDS = frozenset(
+    "select with from values table describe show summarize pivot unpivot pragma explain call".split()
+)
+SQL_ROW_COUNT_WORDS = frozenset({"insert", "update", "delete", "copy", "merge"})
 
 PARAM_PATTERN = re.compile(r"--[^\n]*|\$\$|\$([A-Za-z_]\w*)")
 
@@ -97,3 +103,9 @@ def is_interrupt(exc: Exception) -> bool:
     """DuckDB reports a Ctrl-C as InterruptException, or as RuntimeError('Query interrupted')."""
     return isinstance(exc, duckdb.InterruptException) or (
         isinstance(exc, RuntimeError) and "Query interrupted" in str(exc))
+
+
+def describe_model(info: ModelInfo, settings) -> str:
+    saes = f", {len(info.sae_latents)} autoencoders" if info.sae_latents else ""
+    return (f"model {info.name} ({info.arch}: {info.n_layers} layers, {info.n_heads} heads, d_model {info.d_model}, "
+            f"d_mlp {info.d_mlp}, vocab {info.vocab_size}{saes}) on {settings.device} in {settings.dtype}")

@@ -58,16 +58,16 @@ class Batch:
 AddHooks = Callable[[HookSet, Batch], None]
 
 
-def encode_prompts(loaded, prompts: Sequence[PromptRow]) -> list[list[int]]:
+def encode_prompts(loaded, prompts: Sequence[PromptRow], *, what: str = "prompt") -> list[list[int]]:
     """Token ids per prompt; a TdbqlError for an empty prompt or one longer than n_ctx."""
     n_ctx = loaded.config.n_ctx
     encoded = []
     for prompt in prompts:
         ids = loaded.encode(prompt.text)
         if not ids:
-            raise TdbqlError(f"prompt {prompt.prompt_id} has no tokens")
+            raise TdbqlError(f"{what} {prompt.prompt_id} has no tokens")
         if len(ids) > n_ctx:
-            raise TdbqlError(f"prompt {prompt.prompt_id} has {len(ids)} tokens; the model reads at most {n_ctx}")
+            raise TdbqlError(f"{what} {prompt.prompt_id} has {len(ids)} tokens; the model reads at most {n_ctx}")
         encoded.append(ids)
     return encoded
 

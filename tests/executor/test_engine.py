@@ -7,6 +7,7 @@ import pytest
 import torch
 from tdbql.executor import blocks
 from tdbql.executor.engine import Engine
+from tdbql.executor.interventions import Interventions
 from tdbql.executor.passes import run_passes
 from tdbql.executor.scalars import Raw
 from tdbql.query.context import PromptRow
@@ -257,7 +258,7 @@ def _measured_bytes(engine: Engine, plan, rows) -> int:
     model.forward = forward_keeping_logits
     try:
         with torch.autograd.graph.saved_tensors_hooks(lambda x: (keep(x), x)[1], lambda x: x):
-            store = run_passes(engine.loaded, plan, next(batches(engine.loaded, rows, max_prompts=len(rows))), {})
+            store = run_passes(engine.loaded, plan, next(batches(engine.loaded, rows, max_prompts=len(rows))), Interventions())
     finally:
         del model.forward
     for x in [*store.fwd.values(), *store.grads.values(), *store.tangents.values()]:

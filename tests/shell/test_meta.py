@@ -77,11 +77,11 @@ def test_maxrows(state):
 
 def test_tables_and_schema_follow_the_prompt_set(state_with_prompts):
     state = state_with_prompts
-    assert run_meta(state, ".tables").splitlines() == ["prompts", "queries", "tokens"]
+    assert run_meta(state, ".tables").splitlines() == ["corrupt_tokens", "prompts", "queries", "tokens"]
     schema = run_meta(state, ".schema prompts")
     assert schema == ("prompts(prompt_id BIGINT, text VARCHAR, target VARCHAR, distractor VARCHAR, "
-                      "n_tokens BIGINT)")
-    assert len(run_meta(state, ".schema").splitlines()) == 3
+                      "n_tokens BIGINT, corrupt VARCHAR, corrupt_n_tokens BIGINT)")
+    assert len(run_meta(state, ".schema").splitlines()) == 4
     with pytest.raises(TdbqlError, match="no table"):
         run_meta(state, ".schema nope")
 
