@@ -87,19 +87,20 @@ def _prompt_effects(loaded, rows: list[dict], prompt: PromptRow, plan: NodePlan,
         copies = padded(loaded, [run_row] * len(chunk))
         hooks = HookSet()
         edits.add(hooks, copies)
-        for (location, layer), e in _row_edits(chunk, run.input_ids.device).items():
+        for (location, layer, _), e in _row_edits(chunk, run.input_ids.device).items():
             hooks.add(location, layer, _edit_hook(location, e, None if source is None else source[(location, layer)]))
         metrics = metric_of(loaded, loss, copies, hooks).numpy()
         out.append(metrics - baseline if patching else baseline - metrics)
     return np.concatenate(out)
 
 
-def _row_edits(chunk: list[dict], device) -> dict[tuple[str, int | None], Edits]:
-    """Copy r of the batch intervenes on chunk[r]'s node (source row 0, same positions)."""
-    grouped: dict[tuple[str, int | None], list[tuple[int, int, int | None, int | None]]] = defaultdict(list)
+def _row_edits(chunk: list[dict], device) -> dict[tuple[str, int | None, bool], Edits]:
+    """Copy r of the batch intervenes on chunk[r]'s node (source row 0, same positions); grouped
+    by location, layer and whether one key is named (an attn row) or every key (a head row)."""
+    grouped: dict[tuple[str, int | None, bool], list] = defaultdict(list)
     for r, row in enumerate(chunk):
         location, layer = node_location(row["component"], row["layer"])
-        grouped[(location, layer)].append((r, row["position"], row["unit"], row["attended"]))
+        grouped[(location, layer, row["attended"] is None)].append((r, row["position"], row["unit"], row["attended"]))
     out = {}
     for key, items in grouped.items():
         rows, positions, units, keys = zip(*items)
