@@ -31,15 +31,15 @@ from .arrow import logit_table, node_table
 from .blocks import logit_rows, node_blocks
 from .compiled import CompiledPasses, refusal
 from .conditions import and_mask, scalar_mask
-from .explain import explain_forward_only, explain_plan
+from .explain import explain_forward_only, explain_metric, explain_plan, explain_sweep
 from .interventions import Interventions, Patcher, patch_specs, side
 from .memory import MemoryEstimate, batch_size_for, default_budget, estimate_memory, raw_numel
-from .patching import metric_table, sweep_table
+from .patching import metric_table, sweep_table, sweep_variants
 from .physical import NodePlan, plan_node_query
 from .reduce import OverPromptsSink, SelectSink, TopKSink, group_ids, lexsort, take
 from .runtime.batching import batches, check_pairs, encode_prompts
 from .runtime.hooks import HookSet
-from .scalars import Weights
+from .scalars import Raw, Weights
 from .verify import add_actual_effect
 
 SMALL_MODEL_WORK = 5 * 10**8  # parameters x 64 tokens x 8 prompts below which one CPU thread is faster
@@ -86,9 +86,17 @@ class Engine:
         return getattr(self, f"visit_{type(bound.query).__name__}")(bound, prompts)
 
     def explain(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> str:
-        if bound.query.kind != "nodes":
-            return explain_forward_only(bound.query)
+        query = bound.query
+        if query.kind == "patching":
+            return self._explain_sweep(query, prompts)
         rows, _ = self.interventions(bound, prompts, means=False)
+        patch = patch_specs(getattr(query, "patch", None))
+        if query.kind == "metric":
+            return explain_metric(query, n_prompts=len(prompts), batch_size=self.plan_batch_size(None, prompts),
+                                  pairs=all(p.corrupt is not None for p in prompts), patch=patch)
+        if query.kind != "nodes":
+            return explain_forward_only(query, n_prompts=len(rows), batch_size=self.plan_batch_size(None, rows),
+                                        patch=patch)
         plan = self.plan(bound, rows)
         rows = paired_rows(plan, rows)
         batch_size = self.plan_batch_size(plan, rows)
@@ -97,6 +105,22 @@ class Engine:
         kept *= torch.finfo(self.loaded.dtype).bits // 8 * batch_size
         return explain_plan(plan, memory=memory, batch_size=batch_size, n_prompts=len(rows), kept_bytes=kept,
                             path=self._path(plan))
+
+    def _explain_sweep(self, query, prompts: Sequence[PromptRow]) -> str:
+        run_side = "corrupt" if query.source == "clean" else "clean"
+        lengths = [(len(self.loaded.encode(r.text)), len(self.loaded.encode(s.text)))
+                   for r, s in zip(side(prompts, run_side), side(prompts, query.source))]
+        variants = [sweep_variants(query, self.loaded.config, self.loaded.saes, n_run, n_source)
+                    for n_run, n_source in lengths]
+        cached = sorted({(v.location, v.layer) for v in variants[0]}, key=lambda x: (x[1], x[0])) if variants else []
+        n_source = max((n for _, n in lengths), default=1)
+        element = torch.finfo(self.loaded.dtype).bits // 8
+        cache_bytes = sum(raw_numel(self.loaded, Raw(location, layer), n_source) for location, layer in cached)
+        batch_size = self.plan_batch_size(None, prompts)
+        names = [f"{location}[{layer}]" for location, layer in cached]
+        return explain_sweep(query, n_pairs=len(prompts), variants=sum(len(v) for v in variants),
+                             batch_size=batch_size, cached=names, cache_bytes=cache_bytes * element,
+                             memory=self.estimate_memory(None, prompts))
 
     def _path(self, plan: NodePlan) -> str:
         if self.compiled is None:

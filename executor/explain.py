@@ -5,6 +5,9 @@ A pure function of the plan and its figures, so the plan fixtures (tests/fixture
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from .interventions import PatchSpec
 from .memory import MemoryEstimate
 from .physical import NodePlan
 from .scalars import CONTRIBUTION_LOCATIONS, Raw
@@ -107,7 +110,11 @@ def explain_plan(plan: NodePlan, *, memory: MemoryEstimate, batch_size: int, n_p
         path,
     ]
     if plan.pairs:
-        lines.append("attrib_patch: prompts read as (clean, corrupted) pairs 0-1, 2-3, ...; rows for clean prompts")
+        lines.append("attrib_patch: prompts read as (clean, corrupted) pairs (each prompt's corrupt one, else "
+                     "prompts 0-1, 2-3, ...); rows for clean prompts")
+    lines += explain_patch(plan.patch, plan.query.patch.source if plan.patch else "")
+    if plan.query.verify:
+        lines.append(explain_verify(plan, plan.query.k or 0, batch_size))
     return "\n".join(lines)
 
 
@@ -116,6 +123,77 @@ def _memory_parts(memory: MemoryEstimate, batch_size: int) -> str:
     return parts or "nothing"
 
 
-def explain_forward_only(query) -> str:
-    """Queries other than node queries: one no-grad forward pass per batch."""
-    return f"{type(query).__name__}: one forward pass per batch of prompts, no backward pass"
+def explain_patch(patch: Sequence[PatchSpec], source: str) -> list[str]:
+    """The lines a patch clause adds."""
+    if not patch:
+        return []
+    runs = "corrupt" if source == "clean" else "clean"
+    return [f"patch from {source}: the {runs} prompts run; per batch one more forward (no grad) of their {source} "
+            "prompts takes the activations, written in at positions aligned from the end:",
+            *(f"  {spec}" for spec in patch)]
+
+
+def explain_forward_only(query, *, n_prompts: int, batch_size: int, patch: Sequence[PatchSpec] = ()) -> str:
+    """Logits, the lens, upvoted tokens, routes: one no-grad forward pass per batch."""
+    n_batches = -(-n_prompts // batch_size)
+    lines = [f"{query.kind}: {n_prompts} prompt(s) in {n_batches} batch(es) of up to {batch_size}; one forward "
+             "pass per batch under no_grad, no backward pass"]
+    ablations = getattr(query, "ablations", ())
+    if ablations:
+        lines.append("ablations: " + ", ".join(_ablation_text(a) for a in ablations))
+    return "\n".join(lines + explain_patch(patch, query.patch.source if patch else ""))
+
+
+def explain_metric(query, *, n_prompts: int, batch_size: int, pairs: bool, patch: Sequence[PatchSpec]) -> str:
+    n_batches = -(-n_prompts // batch_size)
+    per_batch = ["the clean prompts"] + (["their corrupt prompts"] if pairs else [])
+    if patch or query.ablations:
+        per_batch.append("the prompts that run under the interventions" + (" (after a forward of the patch's "
+                                                                         "source prompts)" if patch else ""))
+    forwards = n_batches * (len(per_batch) + (1 if patch else 0))
+    lines = [f"metric: {n_prompts} prompt(s) in {n_batches} batch(es) of up to {batch_size}",
+             f"per batch, forwards (no grad, logits at the last token only) of: {', '.join(per_batch)}",
+             f"forwards in all: {forwards}; no backward pass"
+             + (f"; then {query.over_prompts} over prompts" if query.over_prompts else "")]
+    if query.ablations:
+        lines.append("ablations: " + ", ".join(_ablation_text(a) for a in query.ablations))
+    return "\n".join(lines + explain_patch(patch, query.patch.source if patch else ""))
+
+
+def explain_sweep(query, *, n_pairs: int, variants: int, batch_size: int, cached: list[str], cache_bytes: int,
+                  memory: MemoryEstimate) -> str:
+    """A patching sweep: per pair a source forward (the cache), a baseline, the variant batches."""
+    runs = "corrupt" if query.source == "clean" else "clean"
+    per_pair = -(-variants // max(n_pairs, 1))
+    batches = -(-per_pair // batch_size) if per_pair else 0
+    lines = [
+        f"patching of {query.of} from {query.source}: {n_pairs} pair(s), {variants} patched variant(s) in all "
+        f"(about {per_pair} per pair)",
+        f"per pair: a forward of the {query.source} prompt caching {', '.join(cached) or 'nothing'} "
+        f"({fmt_bytes(cache_bytes)}), a forward of the {runs} prompt (its baseline), then the variants, "
+        f"{batches} batch(es) of up to {batch_size} copies of the {runs} prompt, each copy with one component "
+        "taken from the cache",
+        f"forwards in all: {n_pairs * (2 + batches)}; no backward pass; logits at the last token only",
+        f"estimated peak memory per variant batch: {fmt_bytes(memory.peak(batch_size) + cache_bytes)} "
+        f"(weights {fmt_bytes(memory.weights)})",
+    ]
+    if query.ablations:
+        lines.append("ablations (on the prompt that runs): " + ", ".join(_ablation_text(a) for a in query.ablations))
+    if query.over_prompts:
+        lines.append(f"then {query.over_prompts} over pairs; recovered from the reduced metrics")
+    return "\n".join(lines)
+
+
+def explain_verify(plan: NodePlan, n_rows: int, batch_size: int) -> str:
+    how = ("patched from the clean prompt into the corrupt run" if plan.scalars[0] == "attrib_patch"
+           else "set to zero in the clean run")
+    return (f"verify: after the ranking, each of up to {n_rows} ranked nodes {how} alone; per prompt a baseline "
+            f"forward and batches of up to {batch_size} copies (no grad); actual_effect beside {plan.scalars[0]}, "
+            "and their Spearman rank correlation")
+
+
+def _ablation_text(ablation) -> str:
+    node = ablation.node
+    index = "" if node.index is None else f",{node.index}"
+    at = "" if node.token is None else f"@{node.token}" + ("" if node.key is None else f":{node.key}")
+    return f"{node.component}[{node.layer}{index}]{at}={ablation.value}"

@@ -1,7 +1,8 @@
 """Physical-plan fixtures (the sqlglot habit): query text -> the exact `explain` output.
 
 tests/fixtures/explain.txt holds blocks `>>> QUERY` followed by the plan `explain QUERY` prints on
-the embedded model, for the session set up below (two IOI prompts of equal length, a target).
+the embedded model, for the session set up below (two IOI pairs, each prompt's corrupt version
+the other, and a target).
 The figures (batch size, bytes) are deterministic for the embedded model. After an intended
 change, `python -m tests.shell.test_explain_fixtures` rewrites the file from the current code;
 review its diff like code.
@@ -16,11 +17,10 @@ import pytest
 from tdbql.shell.session import Session
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "explain.txt"
-SETUP = (
-    'prompt "When Mary and John went to the store, John gave a drink to", '
-    '"When Mary and John went to the store, Mary gave a drink to"\n'
-    'target " Mary" vs " John"'
-)
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+SETUP = f'prompt "{CLEAN}" corrupt "{CORRUPT}", "{CORRUPT}" corrupt "{CLEAN}"\ntarget " Mary" vs " John"'
+
 
 
 def load_blocks(path: Path) -> list[tuple[str, str]]:
