@@ -25,9 +25,9 @@ Node kinds (the `component` column):
   grad = act_times_grad = x·∂L/∂x, write_norm = ‖write‖, direct_effect = write·g.
   `token_attribution` is `embed`'s act_times_grad; `sae_error` is ‖e‖ on error rows.
 
-`attrib_patch` (attribution patching) works on prompt pairs: the prompt set is read as
-consecutive (clean, corrupted) pairs — prompts 0 and 1, 2 and 3, ... in the order given, both
-of a pair with the same number of tokens. The value, reported on the clean prompt's rows, is
+`attrib_patch` (attribution patching) works on prompt pairs: the engine passes each batch as
+consecutive (clean, corrupted) rows — each prompt and its `corrupt` version, or, without those,
+prompts 0 and 1, 2 and 3, ... in the order given — both of a pair with the same number of tokens. The value, reported on the clean prompt's rows, is
 (act_clean − act_corrupt) · grad_corrupt (for vector nodes (x_clean − x_corrupt)·∂L/∂x_corrupt),
 where grad_corrupt is the gradient of the corrupted prompt's own loss. Corrupted prompts give
 no rows.
