@@ -8,6 +8,7 @@ asserted, only shapes and invariants (attention rows sum to one, rankings are so
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import subprocess
@@ -43,18 +44,18 @@ def test_tutorial_runs(model_name, tdbql_bin, cli_env, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     session = Session(model=model_name)
     state = ShellState(session=session)
-    shell_runs = []
+    shell_runs, shown = [], []
     for lang, info, body in tutorial_blocks():
         if lang == "tdbql" and info.startswith("file="):
             (tmp_path / info.removeprefix("file=")).write_text(body)
         elif lang == "tdbql":
-            for _ in run_script(state, body):
-                pass
+            shown += run_script(state, body)
         elif lang == "sh":
             shell_runs += [line for line in body.splitlines() if line.startswith("tdbql ")]
     check_tables(session)
-    assert (tmp_path / "last_attention.png").stat().st_size > 0
-    assert (tmp_path / "heads_mean.png").stat().st_size > 0
+    check_interventions(session, shown)
+    for picture in ("last_attention.png", "heads_mean.png", "recovery.png"):
+        assert (tmp_path / picture).stat().st_size > 0
     session.close()
     for line in shell_runs:
         run_shell_line(line, model_name, tdbql_bin, cli_env, tmp_path)
@@ -94,14 +95,15 @@ def check_tables(session: Session) -> None:
     assert [n[1] for n in neurons] == sorted((n[1] for n in neurons), reverse=True)
     assert sql(session, "SELECT count(*) FROM promoted") == [(5,)]
     assert sql(session, "SELECT count(*) FROM ablated") == [(20,)]
-    assert len(session.prompts) == 4 and {p.target for p in session.prompts} == {" Mary", " John"}
     assert sql(session, "SELECT count(*) FROM heads_mean") == [(min(8, info.n_layers * info.n_heads),)]
     assert sql(session, "SELECT count(DISTINCT prompt_id), max(rank) FROM per_prompt") == [(4, 2)]
     names = sql(session, "SELECT table_name FROM queries ORDER BY query_id")
     against = [r[0] for r in sql(session, "SELECT direct_effect FROM against ORDER BY rank")]
     assert len(against) == 3 and against == sorted(against) and against[0] <= effects[-1]
     assert [n[0] for n in names] == ["before", "heads", "last_attention", "against", "neurons", "promoted", "before20",
-                                     "ablated", "heads_mean", "per_prompt", "route_nodes,route_edges"]
+                                     "ablated", "heads_mean", "per_prompt", "pair_metric", "resid_patching",
+                                     "head_patching", "two_heads", "first_name", "checked", "checked_patch",
+                                     "route_nodes,route_edges"]
     assert sql(session, "SELECT count(DISTINCT prompt_id) FROM route_nodes") == [(4,)]
     # a graph edge is kept when its weight passes the threshold; attention edges sum over heads
     [(weakest,)] = sql(session, """
@@ -111,3 +113,58 @@ def check_tables(session: Session) -> None:
             UNION ALL SELECT weight FROM route_edges WHERE kind <> 'attn')""")
     assert weakest > 0.04
     assert sql(session, "SELECT bool_and(src_position <= dst_position) FROM route_edges") == [(True,)]
+
+
+PATCHING_COLUMNS = ["prompt_id", "layer", "component", "unit", "position", "token", "metric_clean", "metric_corrupt",
+                    "metric_patched", "recovered"]
+
+
+def columns(session: Session, table: str) -> list[str]:
+    return [r[0] for r in sql(session, f"SELECT column_name FROM (DESCRIBE {table})")]
+
+
+def check_interventions(session: Session, shown: list[str]) -> None:
+    """Section 9: prompt pairs, metric, patching sweeps and verify (structure and exact invariants only)."""
+    info = session.loaded.info()
+    prompts = session.prompts
+    assert len(prompts) == 4 and all(p.corrupt is not None for p in prompts)
+    assert {p.target for p in prompts} == {p.distractor for p in prompts} == {" Mary", " John", " Alice", " Bob"}
+    # no intervention in the statement: metric is the clean run's
+    assert columns(session, "pair_metric") == ["prompt_id", "metric", "metric_clean", "metric_corrupt"]
+    assert sql(session, """SELECT count(*), bool_and(abs(metric - metric_clean) < 1e-4 * (1 + abs(metric_clean)))
+                           FROM pair_metric""") == [(4, True)]
+    # the swapped name: the one position where a pair's tokens differ
+    differ = sql(session, """
+        SELECT t.prompt_id, t.position FROM tokens t JOIN corrupt_tokens c USING (prompt_id, position)
+        WHERE t.token_id <> c.token_id""")
+    assert sorted(prompt_id for prompt_id, _ in differ) == [0, 1, 2, 3]
+    swapped = dict(differ)
+    n_tokens = len(session.loaded.encode(prompts[0].text))
+    assert columns(session, "resid_patching") == PATCHING_COLUMNS
+    assert sql(session, """SELECT count(*), count(DISTINCT prompt_id), min(layer), max(layer),
+                                  bool_and(component = 'resid.pre'), bool_and(isfinite(recovered))
+                           FROM resid_patching""") == [(4 * info.n_layers * n_tokens, 4, 0, info.n_layers - 1, True, True)]
+    # exact for any weights: before the swapped name the two runs agree (a causal model), and at
+    # the input of layer 0 patching the swapped position alone is the clean run
+    for prompt_id, position in swapped.items():
+        [(before, at_layer0)] = sql(session, f"""
+            SELECT max(abs(recovered)) FILTER (WHERE position < {position}),
+                   max(abs(recovered - 1)) FILTER (WHERE layer = 0 AND position = {position})
+            FROM resid_patching WHERE prompt_id = {prompt_id}""")
+        assert before < 1e-3 and at_layer0 < 1e-3
+    assert sql(session, "SELECT count(*) FROM recovery") == [(info.n_layers * n_tokens,)]
+    assert columns(session, "head_patching") == PATCHING_COLUMNS
+    assert sql(session, """SELECT count(*), count(DISTINCT (layer, unit)), bool_and(prompt_id IS NULL),
+                                  bool_and(component = 'head'), bool_and(isfinite(recovered))
+                           FROM head_patching""") == [(info.n_layers * info.n_heads,) * 2 + (True, True, True)]
+    assert sql(session, "SELECT count(*), any_value(prompt_id) FROM two_heads") == [(1, None)]
+    assert sql(session, "SELECT count(*) FROM first_name") == [(4,)]
+    for table, scalar, k in (("checked", "act_times_grad", 20), ("checked_patch", "attrib_patch", 10)):
+        assert columns(session, table)[-2:] == [scalar, "actual_effect"]
+        ranked = sql(session, f"SELECT {scalar}, actual_effect FROM {table} ORDER BY rank")
+        assert len(ranked) == k and all(math.isfinite(effect) for _, effect in ranked)
+        assert [r[0] for r in ranked] == sorted((r[0] for r in ranked), reverse=True)
+        line = re.compile(rf"^verify: Spearman rank correlation (-?[0-9.]+) between {scalar} and actual_effect "
+                          rf"over {k} rows$", re.M)
+        [rho] = [float(m.group(1)) for text in shown for m in line.finditer(text)]
+        assert -1 <= rho <= 1
