@@ -8,8 +8,8 @@ Rules (docs/language.md, "Statements"):
 - A statement whose first word is a SQL keyword (`SQL_KEYWORDS`) is SQL: it runs to the next `;`
   outside quotes and comments (or the end of input), may span lines, and goes to DuckDB unchanged.
 - `select` is a tdbql node query when the word after it is a scalar name (or within difflib's
-  reach of one) and no top-level `from` follows before the next line that starts a statement;
-  otherwise it is SQL. `explain` is tdbql when a tdbql query follows it, SQL otherwise.
+  reach of one) and no top-level `from` follows before the next line that starts a statement
+  (a patch clause's `patch ... from clean|corrupt` does not count); otherwise it is SQL. `explain` is tdbql when a tdbql query follows it, SQL otherwise.
 """
 
 from __future__ import annotations
@@ -90,7 +90,10 @@ def _is_dsl_select(text: str, select_pos: int, first_item: int) -> bool:
         return False
     if first not in SCALARS and not difflib.get_close_matches(first, SCALARS, n=1, cutoff=0.8):
         return False
-    return "from" not in _top_level_words(text, first_item, _select_extent(text, select_pos))
+    words = _top_level_words(text, first_item, _select_extent(text, select_pos))
+    # `patch ... from clean|corrupt` is tdbql's; any other top-level `from` makes it SQL
+    return not any(w == "from" and not ("patch" in words[:i] and words[i + 1:i + 2] in (["clean"], ["corrupt"]))
+                   for i, w in enumerate(words))
 
 
 def _select_extent(text: str, pos: int) -> int:

@@ -108,3 +108,9 @@ def test_statement_may_be_followed_by_a_comment_with_quotes():
 def test_dsl_strings_keep_semicolons_and_comment_markers():
     (stmt, _), = parse("prompt 'a; b -- c'")
     assert stmt.texts == ("a; b -- c",)
+
+
+def test_a_patch_clauses_from_does_not_make_select_sql():
+    assert [c.is_sql for c in split_statements("select act of attn patch attn[0,1] from clean")] == [False]
+    assert [c.is_sql for c in split_statements("select act of attn patch mlp[1,2] from corrupt")] == [False]
+    assert [c.is_sql for c in split_statements("select act from clean")] == [True]  # a table named clean

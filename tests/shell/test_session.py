@@ -341,3 +341,30 @@ def test_logit_lens_with_ablation_equals_a_hand_hooked_transformers_forward(sess
     assert [r["logit"] for r in rows] == pytest.approx(top.values.tolist(), abs=1e-4)
     assert [r["prob"] for r in rows] == pytest.approx(logits.softmax(-1)[top.indices].tolist(), abs=1e-5)
     assert [r["logit"] for r in rows] != pytest.approx(plain.column("logit").to_pylist(), abs=1e-4)
+
+
+def test_prompt_pairs_from_files_and_sql(session, tmp_path):
+    """A `corrupt` column in JSONL, CSV and Parquet files and in a SQL result makes pairs."""
+    corrupt = IOI.replace("John gave", "Mary gave")
+    records = [{"prompt": IOI, "target": " Mary", "distractor": " John", "corrupt": corrupt},
+            {"prompt": IOI, "target": " Mary", "distractor": " John", "corrupt": IOI}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    import pyarrow.csv as pcsv
+
+    pcsv.write_csv(pa.Table.from_pylist(records), tmp_path / "pairs.csv")
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "pairs.parquet")
+    for name in ("pairs.jsonl", "pairs.csv", "pairs.parquet"):
+        [result] = session.execute(f"prompts from '{tmp_path / name}'")
+        assert result.message == "2 prompts (2 with a corrupted prompt)"
+        assert [p.corrupt for p in session.prompts] == [corrupt, IOI]
+        table = session.execute("metric")[0].table.to_pylist()
+        assert table[1]["metric_corrupt"] == pytest.approx(table[1]["metric_clean"], abs=1e-5)  # its own prompt
+        assert table[0]["metric_corrupt"] != pytest.approx(table[0]["metric_clean"], abs=1e-3)
+    assert rows(session, "SELECT corrupt, corrupt_n_tokens FROM prompts ORDER BY prompt_id") == [
+        (corrupt, len(session.loaded.encode(corrupt))), (IOI, len(session.loaded.encode(IOI)))]
+    assert rows(session, "SELECT count(*) FROM corrupt_tokens")[0][0] == 2 * len(session.loaded.encode(IOI))
+    session.execute(f"create table my_pairs as select * from read_parquet('{tmp_path / 'pairs.parquet'}');")
+    [result] = session.execute("prompts from (select prompt, corrupt, target, distractor from my_pairs)")
+    assert result.message == "2 prompts (2 with a corrupted prompt)"
+    [plain] = session.execute(f'prompt "{IOI}"')
+    assert plain.message == "1 prompt" and rows(session, "SELECT count(*) FROM corrupt_tokens")[0][0] == 0
