@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from tdbql.grammar.parse import parse
+from tdbql.grammar.split import split_statements
 from tdbql.query.plan import NodeQuery, SqlStmt
 
 
@@ -111,8 +112,6 @@ def test_dsl_strings_keep_semicolons_and_comment_markers():
 
 
 def test_a_patch_clauses_from_does_not_make_select_sql():
-    from tdbql.grammar.split import split_statements
-
     assert [c.is_sql for c in split_statements("select act of attn patch attn[0,1] from clean")] == [False]
     assert [c.is_sql for c in split_statements("select act of attn patch mlp[1,2] from corrupt")] == [False]
     assert [c.is_sql for c in split_statements("select act from clean")] == [True]  # a table named clean
