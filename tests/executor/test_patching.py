@@ -360,3 +360,41 @@ def test_bad_patches_are_clean_errors(make_checkpoint):
             session.execute(text)
     assert session.execute("metric")[0].table.num_rows == 1
     session.close()
+
+
+def test_a_whole_residual_patch_at_layer_0_turns_the_run_into_its_source(make_checkpoint):
+    """resid.pre[0] at every position is the whole input: routes and the lens of the patched
+    corrupt run equal those of the clean prompt (the rows carry the corrupt prompt's tokens)."""
+    session = session_for(make_checkpoint("gpt2"))
+    patched = session.execute("routes patch resid.pre[0] from clean")[0].table
+    lens = session.execute("logit_lens where token = -1 topk 3 patch resid.pre[0] from clean")[0].table
+    session.execute(f'prompt "{CLEAN}"')
+    clean = session.execute("routes")[0].table
+    clean_lens = session.execute("logit_lens where token = -1 topk 3")[0].table
+    assert patched.column("weight").to_pylist() == pytest.approx(clean.column("weight").to_pylist())
+    assert patched.num_rows == clean.num_rows
+    assert lens.column("vocab_id").to_pylist() == clean_lens.column("vocab_id").to_pylist()
+    assert lens.column("logit").to_pylist() == pytest.approx(clean_lens.column("logit").to_pylist(), abs=1e-5)
+    session.close()
+
+
+def test_neuron_and_latent_sweeps_equal_single_patches(make_checkpoint, tmp_path):
+    from tdbql.executor.runtime.autoencoder import Autoencoder, save_saelens
+
+    session = session_for(make_checkpoint("gpt2"))
+    d_mlp = session.loaded.config.d_mlp
+    torch.manual_seed(0)
+    ae = Autoencoder(torch.randn(d_mlp, 6) * 0.3, torch.zeros(6), torch.randn(6, d_mlp) * 0.3, torch.zeros(d_mlp),
+                     site="mlp", layer=1)
+    save_saelens(ae, tmp_path / "sae")
+    session.execute(f"sae mlp from '{tmp_path / 'sae'}'")
+    neurons = session.execute("patching of neuron from clean where layer = 1 and unit < 3")[0].table.to_pylist()
+    latents = session.execute("patching of latent from clean where unit in (0, 4)")[0].table.to_pylist()
+    assert [r["unit"] for r in neurons] == [0, 1, 2] and {r["component"] for r in latents} == {"mlp_sae"}
+    for row in neurons:
+        single = metric(session, f"metric patch mlp[1,{row['unit']}] from clean")["metric"]
+        assert row["metric_patched"] == pytest.approx(single, abs=1e-5)
+    for row in latents:
+        single = metric(session, f"metric patch mlp_sae[1,{row['unit']}] from clean")["metric"]
+        assert row["metric_patched"] == pytest.approx(single, abs=1e-5)
+    session.close()
