@@ -50,6 +50,8 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "metric_patched": pa.float64(),
     "recovered": pa.float64(),
     "actual_effect": pa.float64(),
+    "step": pa.int64(),
+    "token_id": pa.int64(),
 }
 
 
@@ -69,6 +71,7 @@ UPVOTED_SCHEMA = schema(*NODE_KEY, "vocab_id", "token", "score", "rank")
 CONTRIBUTION_SCHEMA = schema(*NODE_KEY, "contribution")
 ROUTE_EDGE_SCHEMA = schema("prompt_id", "layer", "kind", "src_position", "dst_position", "head", "weight")
 ROUTE_NODE_SCHEMA = schema("prompt_id", "layer", "kind", "position", "token")
+GENERATE_SCHEMA = schema("prompt_id", "step", "token_id", "token", "logprob")
 METRIC_SCHEMA = schema("prompt_id", "metric", "metric_clean", "metric_corrupt")
 PATCHING_SCHEMA = schema("prompt_id", "layer", "component", "unit", "position", "token", "metric_clean",
                          "metric_corrupt", "metric_patched", "recovered")

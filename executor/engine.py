@@ -32,14 +32,17 @@ from .blocks import logit_rows, node_blocks
 from .compiled import CompiledPasses, refusal
 from .conditions import and_mask, scalar_mask
 from .explain import explain_forward_only, explain_metric, explain_plan, explain_sweep
-from .interventions import Interventions, Patcher, patch_specs, side
+from .generate import generate_table
+from .interventions import Interventions, Patcher, patch_specs
 from .memory import MemoryEstimate, batch_size_for, default_budget, estimate_memory, raw_numel
+from .pairs import side
 from .patching import metric_table, sweep_table, sweep_variants
 from .physical import NodePlan, plan_node_query
 from .reduce import OverPromptsSink, SelectSink, TopKSink, group_ids, lexsort, take
 from .runtime.batching import batches, check_pairs, encode_prompts
 from .runtime.hooks import HookSet
 from .scalars import Raw, Weights
+from .steering import steer_specs
 from .verify import add_actual_effect
 
 SMALL_MODEL_WORK = 5 * 10**8  # parameters x 64 tokens x 8 prompts below which one CPU thread is faster
@@ -164,10 +167,12 @@ class Engine:
         patch = getattr(query, "patch", None)
         patcher = Patcher(self.loaded, patch_specs(patch), prompts, patch.source) if patch is not None else None
         rows = patcher.run_rows if patcher is not None else list(prompts)
-        values = {}
+        values, steers = {}, ()
         if means and needs_means(specs):
             values = ablation_means(self.loaded, specs, rows, self.plan_batch_size(None, rows))
-        return rows, Interventions(specs, values, patcher)
+        if means and getattr(query, "steers", ()):
+            steers = steer_specs(self.loaded, query.steers, prompts, self.plan_batch_size(None, prompts))
+        return rows, Interventions(specs, values, patcher, steers)
 
     # -- node queries --
 
@@ -227,6 +232,10 @@ class Engine:
     def visit_RoutesQuery(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> dict[str, pa.Table]:
         rows, edits = self.interventions(bound, prompts)
         return routes.routes(self.loaded, bound.query, rows, add_hooks=edits.add if edits else None)
+
+    def visit_GenerateQuery(self, bound: BoundQuery, prompts: Sequence[PromptRow]) -> dict[str, pa.Table]:
+        rows, edits = self.interventions(bound, prompts)
+        return {"result": generate_table(self.loaded, bound.query, rows, edits, self.progress)}
 
     # -- the metric and patching sweeps --
 

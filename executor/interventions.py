@@ -10,6 +10,8 @@ clean prompt (denoising); `from corrupt` runs the clean prompt with them from th
 (noising). For each batch of running prompts, one forward of their source prompts (no autograd)
 captures the patched locations, then hooks write them into the run.
 
+Steers (steering.py) are added last.
+
 Positions align from the end of each prompt: position -1 is the last token of both. `@p` with
 p >= 0 names position p of the prompt that runs; its source position is p - n_run + n_source.
 A patch without `@` covers every position of the running prompt that has a counterpart (all of
@@ -36,10 +38,12 @@ from ..query.context import PromptRow
 from ..query.errors import TdbqlError
 from ..query.plan import NodeRef, Patch
 from .ablation import AblationSpec, add_ablations
+from .pairs import other, side
 from .runtime.batching import Batch, encode_prompts, pad
 from .runtime.hooks import HookSet
+from .steering import WRITE_LOCATIONS, SteerSpec, add_steers
 
-RESIDUAL_LOCATIONS = {"resid": "resid.post", "resid.pre": "resid.pre", "resid.mid": "resid.mid"}
+RESIDUAL_LOCATIONS = {kind: WRITE_LOCATIONS[kind] for kind in ("resid", "resid.pre", "resid.mid")}
 
 
 @dataclass(frozen=True)
@@ -78,17 +82,6 @@ def patch_spec(node: NodeRef) -> PatchSpec:
 
 def patch_specs(patch: Patch | None) -> tuple[PatchSpec, ...]:
     return () if patch is None else tuple(patch_spec(node) for node in patch.nodes)
-
-
-def side(prompts: Sequence[PromptRow], which: str) -> list[PromptRow]:
-    """The clean prompts, or the corrupt prompt of each pair as a row of its own (same id and target)."""
-    if which == "clean":
-        return list(prompts)
-    return [p.model_copy(update={"text": p.corrupt, "corrupt": None}) for p in prompts]
-
-
-def other(source: str) -> str:
-    return "corrupt" if source == "clean" else "clean"
 
 
 class Patcher:
@@ -218,16 +211,24 @@ def _keeper(kept: dict, key):
 
 
 class Interventions:
-    """What a pass adds before its own hooks: the ablations, then the patch."""
+    """What a pass adds before its own hooks: the ablations, the patch, then the steers."""
 
     def __init__(self, ablations: Sequence[AblationSpec] = (), means: dict | None = None,
-                 patcher: Patcher | None = None) -> None:
+                 patcher: Patcher | None = None, steers: Sequence[SteerSpec] = ()) -> None:
         self.ablations, self.means, self.patcher = tuple(ablations), means or {}, patcher
+        self.steers = tuple(steers)
 
     def add(self, hooks: HookSet, batch: Batch) -> None:
         add_ablations(hooks, self.ablations, batch, self.means)
         if self.patcher is not None:
             self.patcher.add(hooks, batch)
+        add_steers(hooks, self.steers, batch)
+
+    def decoding(self) -> Interventions:
+        """What still applies to a token `generate` appends: the ablations and steers that name no
+        position (a head's mean pattern has no row for it); a patch has no source there."""
+        every_token = [a for a in self.ablations if a.token is None and not (a.heads and a.value == "mean")]
+        return Interventions(every_token, self.means, None, [s for s in self.steers if s.token is None])
 
     def __bool__(self) -> bool:
-        return bool(self.ablations) or self.patcher is not None
+        return bool(self.ablations) or self.patcher is not None or bool(self.steers)

@@ -32,8 +32,9 @@ from ..query.context import PromptRow
 from ..query.plan import Loss, MetricQuery, PatchingQuery
 from .arrow import METRIC_SCHEMA, PATCHING_SCHEMA, floats, ints, repeat, token_strings
 from .conditions import ids_kept, positions_kept, token_conditions_relative
-from .interventions import Edits, Interventions, capture, other, side, write
+from .interventions import Edits, Interventions, capture, write
 from .losses import prompt_losses
+from .pairs import other, side
 from .reduce import NULL
 from .runtime.batching import Batch, encode_prompts, pad
 from .runtime.hooks import HookSet

@@ -29,7 +29,8 @@ import torch
 from ..query.catalog import COMPONENTS
 from ..query.context import NOTE_KEY, PromptRow
 from ..query.errors import TdbqlError
-from .interventions import Edits, Interventions, capture, side, write
+from .interventions import Edits, Interventions, capture, write
+from .pairs import side
 from .patching import metric_of, padded
 from .physical import NodePlan
 from .runtime.hooks import HookSet

@@ -67,6 +67,7 @@ TOKEN_TYPES: dict[str, str] = {
     "LOCATION": "keyword",
     "MODEL_REF": "name",
     "SUBQUERY": "sql",
+    "DIR_SIGN": "punctuation",
     "COMMENT": "comment",
     "WS": "whitespace",
 }

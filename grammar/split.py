@@ -4,7 +4,8 @@ Rules (docs/language.md, "Statements"):
 - Statements are separated by `;` or newlines; `--` starts a comment that runs to the end of the line.
 - A tdbql statement ends at the first `;` or newline outside quotes and parentheses (so a
   parenthesised SQL subquery may span lines), except that a line whose first word is a clause
-  keyword (`CONTINUATION_WORDS`: of, where, and, by, ablate, trace, over, as, patch, verify) continues it.
+  keyword (`CONTINUATION_WORDS`: of, where, and, by, ablate, trace, over, as, patch, verify,
+  steer) continues it.
 - A statement whose first word is a SQL keyword (`SQL_KEYWORDS`) is SQL: it runs to the next `;`
   outside quotes and comments (or the end of input), may span lines, and goes to DuckDB unchanged.
 - `select` is a tdbql node query when the word after it is a scalar name (or within difflib's
@@ -27,7 +28,7 @@ SQL_KEYWORDS: frozenset[str] = frozenset(
     commit rollback use truncate pivot unpivot values merge reset explain""".split()
 )
 DSL_QUERY_STARTS: frozenset[str] = frozenset(
-    {"topk", "bottomk", "select", "logits", "logprobs", "logit_lens", "upvoted", "routes", "metric", "patching"}
+    {"topk", "bottomk", "select", "logits", "logprobs", "logit_lens", "upvoted", "routes", "metric", "patching", "generate"}
 )
 DSL_STATEMENT_STARTS: frozenset[str] = DSL_QUERY_STARTS | {
     "model", "sae", "prompt", "prompts", "target", "set", "explain",
@@ -35,7 +36,7 @@ DSL_STATEMENT_STARTS: frozenset[str] = DSL_QUERY_STARTS | {
 
 # A line starting with one of these continues the tdbql statement above it.
 CONTINUATION_WORDS: frozenset[str] = frozenset(
-    {"of", "where", "and", "by", "ablate", "trace", "over", "as", "patch", "verify"}
+    {"of", "where", "and", "by", "ablate", "trace", "over", "as", "patch", "verify", "steer"}
 )
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -8,6 +8,7 @@ TdbqlError with line and column in the whole program.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,11 +19,13 @@ from ..query.errors import nearest
 from ..query.plan import (
     Ablation,
     Condition,
+    Direction,
     Loss,
     NodeRef,
     Patch,
     Range,
     ScalarSpec,
+    Steer,
     Trace,
 )
 
@@ -303,6 +306,52 @@ class ToPlan(Transformer):
     @v_args(meta=True)
     def verify_clause(self, meta, children: list) -> Clause:
         return Clause("verify", True, meta.start_pos)
+
+    @v_args(meta=True)
+    def steer_clause(self, meta, steers: list) -> Clause:
+        return Clause("steers", tuple(steers), meta.start_pos, "steer")
+
+    def steer(self, node: NodeRef, *rest: object) -> Steer:
+        scale = next((item for item in rest if isinstance(item, float)), 1.0)
+        terms = next(item for item in rest if isinstance(item, tuple))
+        return Steer(node=node, scale=scale, terms=terms)
+
+    def scale(self, value: Token) -> float:
+        return float(value)
+
+    def direction_sum(self, *items: object) -> tuple[Direction, ...]:
+        if len(items) == 1 and isinstance(items[0], tuple):  # parenthesised
+            return items[0]
+        terms, sign = [], 1
+        for item in items:
+            if isinstance(item, Token):
+                sign = -1 if str(item) == "-" else 1
+            else:
+                terms.append(item.model_copy(update={"sign": sign}))
+                sign = 1
+        return tuple(terms)
+
+    def latent_direction(self, name: Token, index: Token) -> Direction:
+        match = re.fullmatch(r"(mlp|attn|resid)_l(\d+)", str(name).lower())
+        if match is None:
+            raise NameProblem(f"latent(SITE_L<layer>, index) names an autoencoder like mlp_L1, not '{name}'",
+                              name.start_pos)
+        return Direction(kind="latent", site=match.group(1), layer=int(match.group(2)), index=int(index))
+
+    def unembed_direction(self, token: Token) -> Direction:
+        return Direction(kind="unembed", token=unquote(token))
+
+    def mean_direction(self, _mean: Token, side: Token) -> Direction:
+        return Direction(kind="mean", side=choose(side, catalog.SOURCES, "prompt side"))
+
+    def generate_query(self, n: Token, *clauses: Clause) -> plan.GenerateQuery:
+        return plan.GenerateQuery(n=positive(n, "generate"), **fold(clauses))
+
+    def temperature_clause(self, value: Token) -> Clause:
+        return Clause("temperature", float(value), value.start_pos)
+
+    def seed_clause(self, value: Token) -> Clause:
+        return Clause("seed", int(value), value.start_pos)
 
     def at(self, token: Token, key: Token | None = None) -> tuple[int, int | None]:
         return (int(token), int(key) if key is not None else None)

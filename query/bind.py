@@ -24,7 +24,8 @@ from collections.abc import Callable, Collection, Sequence
 
 from . import catalog
 from .catalog import COMPONENTS, LATENTS, SCALARS
-from .checks import Checks, int_values
+from .bind_steer import SteerChecks, uses_corrupt_means
+from .checks import Checks, ValueChecks, int_values
 from .context import ModelInfo
 from .errors import LOSS_HINT, nearest
 from .plan import (
@@ -66,11 +67,15 @@ def bind(
     tokenize: Callable[[str], list[int]] | None = None,
     tables: Collection[str] = (),
     source: str | None = None,
+    dtype: str = "fp32",
 ) -> Statement:
     """Check `stmt` against the model and session; return it normalised. Raises TdbqlError.
-    `info` and `tokenize` may be None only for statements that do not `needs_model`."""
+    `info` and `tokenize` may be None only for statements that do not `needs_model`; `dtype` is
+    the model's, whose finite range bounds ablation values and scalar comparisons."""
     binder = _Binder(info, tokenize, tables, span, source)
-    return binder.statement(stmt)
+    binder.dtype = dtype
+    binder.text_values(stmt)
+    return binder.numbers(binder.statement(stmt))
 
 
 def bind_query(
@@ -89,6 +94,9 @@ def bind_query(
     none."""
     binder = _Binder(None, None, (), span, source)
     patch = getattr(query, "patch", None)
+    if uses_corrupt_means(query) and not prompts_have_pairs:
+        raise binder.fail("mean(corrupt) averages the corrupted prompts: give each prompt its corrupted version, "
+                          "`prompt \"...\" corrupt \"...\"`", r"\bmean\s*\(\s*corrupt")
     if (patch is not None or isinstance(query, PatchingQuery)) and not prompts_have_pairs:
         word = r"\bpatching\b" if isinstance(query, PatchingQuery) else r"\bpatch\b"
         raise binder.fail("patching needs prompt pairs: give each prompt its corrupted version, "
@@ -99,7 +107,7 @@ def bind_query(
     return BoundQuery(query=query, loss=loss, explain=explain)
 
 
-class _Binder(Checks):
+class _Binder(Checks, SteerChecks, ValueChecks):
     def needs_loss(self, query: Query) -> None:
         """The error for a query that reads the loss when the session has none."""
         if isinstance(query, (MetricQuery, PatchingQuery)):
@@ -144,6 +152,7 @@ class _Binder(Checks):
                 "trace": trace,
                 "target": self.loss(query.target) if query.target else None,
                 "patch": self.patch(query.patch),
+                "steers": self.steers(query.steers),
             }
         )
 
@@ -166,6 +175,7 @@ class _Binder(Checks):
         return query.model_copy(update={
             "ablations": tuple(self.ablation(a) for a in query.ablations),
             "patch": self.patch(query.patch),
+            "steers": self.steers(query.steers),
             "target": self.loss(query.target) if query.target else None,
         })
 
@@ -181,6 +191,7 @@ class _Binder(Checks):
         return query.model_copy(update={
             "where": tuple(self.condition(c, catalog.QUERY_FIELDS["patching"], components, ()) for c in query.where),
             "ablations": tuple(self.ablation(a) for a in query.ablations),
+            "steers": self.steers(query.steers),
             "target": self.loss(query.target) if query.target else None,
         })
 
@@ -217,7 +228,7 @@ class _Binder(Checks):
         if query.from_token is not None:
             self.token(query.from_token, "token", near=r"\bfrom\s+token\b")
         return query.model_copy(update={"ablations": tuple(self.ablation(a) for a in query.ablations),
-                                         "patch": self.patch(query.patch)})
+                                         "patch": self.patch(query.patch), "steers": self.steers(query.steers)})
 
     def visit_ExplainStmt(self, stmt: ExplainStmt) -> ExplainStmt:
         return stmt.model_copy(update={"query": self.statement(stmt.query)})
@@ -245,6 +256,7 @@ class _Binder(Checks):
                 "where": tuple(self.condition(c, fields, (), ()) for c in query.where),
                 "ablations": tuple(self.ablation(a) for a in query.ablations),
                 "patch": self.patch(query.patch),
+                "steers": self.steers(query.steers),
             }
         )
 

@@ -99,6 +99,30 @@ class Patch(Node):
     source: Source
 
 
+class Direction(Node):
+    """One term of a steering direction, in the residual basis: `latent(mlp_L1, 123)` (an
+    autoencoder latent's decoder row), `unembed(" Paris")` (the token's unembedding column),
+    `mean(clean)` / `mean(corrupt)` (the mean activation at the steered site over that side of the
+    session's prompts). `sign` -1 subtracts it."""
+
+    kind: Literal["latent", "unembed", "mean"]
+    sign: Literal[1, -1] = 1
+    site: SaeSite | None = None  # latent
+    layer: int | None = None  # latent
+    index: int | None = None  # latent
+    token: str | None = None  # unembed
+    side: Source | None = None  # mean
+
+
+class Steer(Node):
+    """`steer resid.pre[3]@-1 += 4.0 * latent(mlp_L1, 123)`: add `scale` times the sum of `terms`
+    to the activation at `node` (every position, or `@t`)."""
+
+    node: NodeRef
+    scale: float = 1.0
+    terms: tuple[Direction, ...]
+
+
 class Trace(Node):
     """`trace mlp[5,100]@7` or `trace attn[3,2]@7:4 via q`: replace the loss by the node's
     pre-activation (layer-norm scale detached). Attention traces the QK logit and may be
@@ -190,6 +214,7 @@ class NodeQuery(Node):
     over_prompts: Reduction | None = None
     target: Loss | None = None  # overrides the session target for this query
     patch: Patch | None = None
+    steers: tuple[Steer, ...] = ()
     verify: bool = False  # add actual_effect: the real intervention for each ranked row
     name: str | None = None
 
@@ -203,6 +228,7 @@ class LogitsQuery(Node):
     where: tuple[Condition, ...] = ()
     ablations: tuple[Ablation, ...] = ()
     patch: Patch | None = None
+    steers: tuple[Steer, ...] = ()
     name: str | None = None
 
 
@@ -219,6 +245,7 @@ class LogitLensQuery(Node):
     at: ResidualLocation = "resid.post"
     ablations: tuple[Ablation, ...] = ()
     patch: Patch | None = None
+    steers: tuple[Steer, ...] = ()
     name: str | None = None
 
 
@@ -247,6 +274,7 @@ class RoutesQuery(Node):
     norm: Literal[1, 2] = 1
     ablations: tuple[Ablation, ...] = ()
     patch: Patch | None = None
+    steers: tuple[Steer, ...] = ()
     name: str | None = None
 
 
@@ -258,6 +286,7 @@ class MetricQuery(Node):
     kind: Literal["metric"] = "metric"
     ablations: tuple[Ablation, ...] = ()
     patch: Patch | None = None
+    steers: tuple[Steer, ...] = ()
     by: tuple[GroupKey, ...] = ()
     over_prompts: Reduction | None = None
     target: Loss | None = None
@@ -275,8 +304,24 @@ class PatchingQuery(Node):
     where: tuple[Condition, ...] = ()
     by: tuple[GroupKey, ...] = ()
     ablations: tuple[Ablation, ...] = ()
+    steers: tuple[Steer, ...] = ()
     over_prompts: Reduction | None = None
     target: Loss | None = None
+    name: str | None = None
+
+
+class GenerateQuery(Node):
+    """`generate 20 [temperature 0.8] [seed 1] [ablate ...] [patch ...] [steer ...]`: continue
+    each prompt (the running one of each pair under a patch) by `n` tokens, greedily at
+    temperature 0, under the statement's interventions."""
+
+    kind: Literal["generate"] = "generate"
+    n: int
+    temperature: float = 0.0
+    seed: int | None = None
+    ablations: tuple[Ablation, ...] = ()
+    patch: Patch | None = None
+    steers: tuple[Steer, ...] = ()
     name: str | None = None
 
 
@@ -287,7 +332,8 @@ class SqlStmt(Node):
     text: str
 
 
-QUERY_TYPES = (NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery, MetricQuery, PatchingQuery)
+QUERY_TYPES = (NodeQuery, LogitsQuery, LogitLensQuery, UpvotedQuery, RoutesQuery, MetricQuery, PatchingQuery,
+               GenerateQuery)
 Query = Annotated[Union[QUERY_TYPES], Field(discriminator="kind")]
 
 
@@ -322,6 +368,7 @@ Statement = Annotated[
         RoutesQuery,
         MetricQuery,
         PatchingQuery,
+        GenerateQuery,
         ExplainStmt,
         SqlStmt,
     ],

@@ -40,6 +40,7 @@ from torch import nn
 from ...query.catalog import SAE_SITES, TL_BLOCK_HOOKS, TL_GLOBAL_HOOKS
 from ...query.errors import TdbqlError, nearest
 from .hooks import GLOBAL_LOCATIONS, LOCATIONS, NO_HOOKS, HookSet
+from .rotary import apply_rotary, rotary_cos_sin
 
 if TYPE_CHECKING:
     from .autoencoder import Autoencoder
@@ -110,54 +111,6 @@ class Norm(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-# --- rotary -----------------------------------------------------------------------------------
-
-
-def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (rotary_dim/2,), with the configured rope scaling."""
-    dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, scaling)
-    raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3 are)")
-
-
-def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
-    """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between."""
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_ctx = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-    return torch.where(medium, blended, scaled)
-
-
-def rotary_cos_sin(cfg: ModelConfig, n_tokens: int, device: torch.device, dtype: torch.dtype):
-    """cos, sin of shape (token, rotary_dim), computed in float32 then cast."""
-    inv_freq = rotary_inv_freq(cfg).to(device)
-    angles = torch.outer(torch.arange(n_tokens, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)  # (token, rotary_dim)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim dims of each head. x: (batch, token, head, d_head)."""
-    rot_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    half = rot_dim // 2
-    rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, token, 1, rotary_dim)
-    return torch.cat([x_rot * cos + rotated_half * sin, x_pass], dim=-1)
-
-
 # --- attention ----------------------------------------------------------------------------------
 
 
@@ -182,6 +135,8 @@ class Attention(nn.Module):
         q = hooks("attn.q", layer, q)  # (batch, token, head, d_head)
         k = hooks("attn.k", layer, k)  # (batch, token, kv_head, d_head)
         v = hooks("attn.v", layer, v)
+        if ctx.cache is not None:  # keys and values of the earlier positions, then these
+            k, v = ctx.cache.extend(layer, k, v)
         if ctx.eager(layer):
             z = self._eager(q, k, v, ctx, layer)
         else:
@@ -295,19 +250,19 @@ class _ForwardContext:
     """What every layer of one forward pass shares: hooks, mask, rotary tables."""
 
     def __init__(self, model: Transformer, input_ids: torch.Tensor, attention_mask, hooks: HookSet,
-                 padded: bool | None = None, attn_impl: AttnImpl = "auto") -> None:
+                 padded: bool | None = None, attn_impl: AttnImpl = "auto", cache: KVCache | None = None) -> None:
         cfg = model.cfg
         B, T = input_ids.shape
         device = input_ids.device
-        self.hooks = hooks
-        self.attn_impl = attn_impl
+        self.hooks, self.attn_impl, self.cache = hooks, attn_impl, cache
+        self.offset = 0 if cache is None else cache.length  # positions already in the cache
         dtype = model.embed.weight.dtype
-        self.rotary = rotary_cos_sin(cfg, T, device, dtype) if cfg.positions == "rotary" else None
+        self.rotary = rotary_cos_sin(cfg, T, device, dtype, self.offset) if cfg.positions == "rotary" else None
         if padded is None:  # (a compiled caller says so itself: reading the mask would break its graph)
             padded = attention_mask is not None and not bool(attention_mask.all())
-        windowed = cfg.sliding_window is not None and T > cfg.sliding_window
-        self.plain_causal = not padded and not windowed
-        self._mask_args = (attention_mask if padded else None, cfg.sliding_window, B, T, device)
+        windowed = cfg.sliding_window is not None and self.offset + T > cfg.sliding_window
+        self.plain_causal = not padded and not windowed and self.offset == 0
+        self._mask_args = (attention_mask if padded else None, cfg.sliding_window, B, T, device, self.offset)
         self._mask: torch.Tensor | None = None
 
     @property
@@ -323,17 +278,35 @@ class _ForwardContext:
         return self.hooks.has("attn.logits", layer) or self.hooks.has("attn.probs", layer)
 
 
-def attention_mask_4d(key_real, window: int | None, B: int, T: int, device) -> torch.Tensor:
-    t = torch.arange(T, device=device)
-    allowed = t[None, :] <= t[:, None]  # (token, key) causal
+def attention_mask_4d(key_real, window: int | None, B: int, T: int, device, offset: int = 0) -> torch.Tensor:
+    """(batch, 1, token, key) for T queries at positions offset.. over offset + T keys."""
+    t = torch.arange(offset, offset + T, device=device)
+    u = torch.arange(offset + T, device=device)
+    allowed = u[None, :] <= t[:, None]  # (token, key) causal
     if window is not None:
-        allowed &= t[:, None] - t[None, :] < window
-    allowed = allowed[None, None].expand(B, 1, T, T)
+        allowed &= t[:, None] - u[None, :] < window
+    allowed = allowed[None, None].expand(B, 1, T, offset + T)
     if key_real is not None:
         # padding keys are hidden; the diagonal stays visible so no row is empty (a padding
         # query then attends to itself and real keys: its values are meaningless anyway)
-        allowed = allowed & (key_real.bool()[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=device))
+        allowed = allowed & (key_real.bool()[:, None, None, :] | (u[None, :] == t[:, None]))
     return allowed
+
+
+class KVCache:
+    """Keys and values (after rotary and hooks) of the positions run so far, per layer, for
+    incremental decoding: a forward with a cache reads them, appends its own, and advances."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.length = 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            k, v = torch.cat([self.keys[layer], k], dim=1), torch.cat([self.values[layer], v], dim=1)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
 
 
 class Transformer(nn.Module):
@@ -357,6 +330,7 @@ class Transformer(nn.Module):
         padded: bool | None = None,
         logit_positions: torch.Tensor | None = None,
         attn_impl: AttnImpl = "auto",
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """input_ids (batch, token) -> logits (batch, token, vocab).
 
@@ -364,19 +338,24 @@ class Transformer(nn.Module):
         `logit_positions` (batch,): unembed only that token of each row -> (batch, 1, vocab), for
         callers that read no other logits (the vocabulary matmul is the largest in small models).
         `attn_impl`: "auto" (eager where probabilities are hooked), "eager" or "sdpa".
+        `cache`: a KVCache holding the earlier positions (incremental decoding: these tokens are
+        the next ones); it is extended in place.
         """
         hooks = NO_HOOKS if hooks is None else hooks
         B, T = input_ids.shape
-        if self.pos_embed is not None and T > self.cfg.n_ctx:
-            raise TdbqlError(f"{T} tokens exceed the model's context of {self.cfg.n_ctx} positions")
-        ctx = _ForwardContext(self, input_ids, attention_mask, hooks, padded, attn_impl)
+        offset = 0 if cache is None else cache.length
+        if self.pos_embed is not None and offset + T > self.cfg.n_ctx:
+            raise TdbqlError(f"{offset + T} tokens exceed the model's context of {self.cfg.n_ctx} positions")
+        ctx = _ForwardContext(self, input_ids, attention_mask, hooks, padded, attn_impl, cache)
         x = self.embed(input_ids)  # (batch, token, d_model)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(T, device=input_ids.device))
+            x = x + self.pos_embed(torch.arange(offset, offset + T, device=input_ids.device))
         x = hooks("resid.embed", None, x)
         for block in self.blocks:
             x = block(x, ctx)
         x = self.ln_f(x, hooks, "ln_f.scale", None)
+        if cache is not None:
+            cache.length += T
         if logit_positions is not None:
             x = x[torch.arange(B, device=x.device), logit_positions][:, None]  # (batch, 1, d_model)
         return hooks("logits", None, self.unembed(x))
