@@ -42,8 +42,9 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
     if attention_mask is not None:
         weights = weights + attention_mask
     else:
-        n = weights.shape[-1]
-        weights = weights.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        queries, keys = weights.shape[-2:]  # the queries are the last ones (a cache holds the rest)
+        causal = torch.arange(keys)[None, :] <= torch.arange(keys - queries, keys)[:, None]
+        weights = weights.masked_fill(~causal, float("-inf"))
     weights = weights.softmax(-1)
     edit = _PROB_EDITS.get(module.layer_idx)
     if edit is not None:
