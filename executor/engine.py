@@ -31,7 +31,7 @@ from .arrow import logit_table, node_table
 from .blocks import logit_rows, node_blocks
 from .compiled import CompiledPasses, refusal
 from .conditions import and_mask, scalar_mask
-from .explain import explain_forward_only, explain_metric, explain_plan, explain_sweep
+from .explain import explain_forward_only, explain_generate, explain_metric, explain_plan, explain_sweep
 from .generate import generate_table
 from .interventions import Interventions, Patcher, patch_specs
 from .memory import MemoryEstimate, batch_size_for, default_budget, estimate_memory, raw_numel
@@ -94,6 +94,9 @@ class Engine:
             return self._explain_sweep(query, prompts)
         rows, _ = self.interventions(bound, prompts, means=False)
         patch = patch_specs(getattr(query, "patch", None))
+        if query.kind == "generate":
+            steers = steer_specs(self.loaded, query.steers, prompts, self.plan_batch_size(None, prompts))
+            return explain_generate(query, n_prompts=len(rows), patch=patch, steers=steers)
         if query.kind == "metric":
             return explain_metric(query, n_prompts=len(prompts), batch_size=self.plan_batch_size(None, prompts),
                                   pairs=all(p.corrupt is not None for p in prompts), patch=patch)

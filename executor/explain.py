@@ -144,6 +144,19 @@ def explain_forward_only(query, *, n_prompts: int, batch_size: int, patch: Seque
     return "\n".join(lines + explain_patch(patch, query.patch.source if patch else ""))
 
 
+def explain_generate(query, *, n_prompts: int, patch: Sequence[PatchSpec], steers: Sequence) -> str:
+    how = "greedy (the most likely token)" if query.temperature == 0 else (
+        f"sampled at temperature {query.temperature}" + (f", seed {query.seed}" if query.seed is not None else ""))
+    lines = [f"generate {query.n}: {n_prompts} prompt(s), each alone: one forward of the prompt under every "
+             f"intervention, filling a KV cache, then {query.n - 1} one-token forward(s) against the cache; "
+             f"{how}; no backward pass",
+             "at the appended tokens only the ablations and steers that name no position apply"]
+    if query.ablations:
+        lines.append("ablations: " + ", ".join(_ablation_text(a) for a in query.ablations))
+    lines += [f"steer: {spec}" for spec in steers]
+    return "\n".join(lines + explain_patch(patch, query.patch.source if patch else ""))
+
+
 def explain_metric(query, *, n_prompts: int, batch_size: int, pairs: bool, patch: Sequence[PatchSpec]) -> str:
     n_batches = -(-n_prompts // batch_size)
     per_batch = ["the clean prompts"] + (["their corrupt prompts"] if pairs else [])

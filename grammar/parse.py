@@ -231,7 +231,7 @@ _ROLE_AFTER_KEYWORD: dict[str, str] = {
     "ablate": "node kind", "trace": "node kind", "upvoted": "node kind",
     "via": "trace path", "over": "reduction", "as": "table", "set": "setting",
     "sae": "site", "dtype": "dtype", "ln_f": "switch", "renormalize": "switch", "mode": "mode",
-    "patch": "node kind", "from": "patch source",
+    "patch": "node kind", "from": "patch source", "steer": "node kind",
 }
 _COMPARISONS = frozenset({"=", "!=", "<>", "<", "<=", ">", ">="})
 

@@ -19,7 +19,7 @@ def test_the_reference_has_an_example_for_every_construct():
     kinds = {stmt.kind for stmt in statements}
     assert kinds == {
         "model", "sae", "prompt", "prompts_file", "prompts_sql", "target", "set", "nodes",
-        "logits", "logit_lens", "upvoted", "routes", "explain", "sql", "metric", "patching",
+        "logits", "logit_lens", "upvoted", "routes", "explain", "sql", "metric", "patching", "generate",
     }
     assert len(statements) >= 60
 
