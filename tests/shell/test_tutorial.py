@@ -103,6 +103,7 @@ def check_tables(session: Session) -> None:
     assert [n[0] for n in names] == ["before", "heads", "last_attention", "against", "neurons", "promoted", "before20",
                                      "ablated", "heads_mean", "per_prompt", "pair_metric", "resid_patching",
                                      "head_patching", "two_heads", "first_name", "checked", "checked_patch",
+                                     "said", "said_without_movers", "toward_mary", "said_mary",
                                      "route_nodes,route_edges"]
     assert sql(session, "SELECT count(DISTINCT prompt_id) FROM route_nodes") == [(4,)]
     # a graph edge is kept when its weight passes the threshold; attention edges sum over heads
@@ -168,3 +169,14 @@ def check_interventions(session: Session, shown: list[str]) -> None:
                           rf"over {k} rows$", re.M)
         [rho] = [float(m.group(1)) for text in shown for m in line.finditer(text)]
         assert -1 <= rho <= 1
+    check_generation(session)
+
+
+def check_generation(session: Session) -> None:
+    """Section 10: three tokens per prompt with and without the two heads, a steered metric and token."""
+    for table in ("said", "said_without_movers"):
+        assert columns(session, table) == ["prompt_id", "step", "token_id", "token", "logprob"]
+        assert sql(session, f"SELECT count(*), count(DISTINCT prompt_id), max(step), bool_and(logprob <= 0) "
+                            f"FROM {table}") == [(12, 4, 2, True)]
+    assert sql(session, "SELECT count(*) FROM toward_mary") == [(4,)]
+    assert sql(session, "SELECT count(*), max(step) FROM said_mary") == [(4, 0)]
