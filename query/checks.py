@@ -10,10 +10,20 @@ import re
 from collections.abc import Callable, Collection
 
 from . import catalog
-from .catalog import COMPONENTS, LATENTS
+from .catalog import COMPONENTS, LATENTS, SCALARS
 from .context import ModelInfo
 from .errors import TdbqlError, nearest
-from .plan import Ablation, Loss, NodeRef, Patch, Range, Span, Trace
+from .plan import Ablation, Condition, Loss, ModelStmt, Node, NodeRef, Patch, Range, SetStmt, Span, Trace
+
+INT64 = (-(2**63), 2**63 - 1)  # what the executor's counts, ids and positions are held in
+# the largest finite value of each model dtype (torch.finfo(...).max; query/ does not import torch)
+FINITE_MAX = {"fp32": 3.4028234663852886e38, "bf16": 3.3895313892515355e38, "fp16": 65504.0}
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
+DEVICES = "cpu, cuda, cuda:N or mps"
+# a number literal, alone or as a bound of a range `lo..hi` (not the 5 of 1.5)
+ALONE_BEFORE, ALONE_AFTER = r"(?:(?<![\w.])|(?<=\.\.))", r"(?:(?![\w.])|(?=\.\.))"
+NUMBER = re.compile(ALONE_BEFORE + r"-?(?:\d+\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+)" + ALONE_AFTER)
+SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b|bytes)?\s*", re.IGNORECASE)
 
 
 class Checks:
@@ -44,6 +54,14 @@ class Checks:
         if match is None:
             return None
         return self.span.start_pos + (match.start("at") if "at" in match.re.groupindex else match.start())
+
+    def fail_at(self, pos: int, message: str) -> TdbqlError:
+        """An error at offset `pos` of the source (the statement's start when it is unknown)."""
+        if self.source is None or not 0 <= pos < len(self.source):
+            return self.fail(message)
+        line = self.source.count("\n", 0, pos) + 1
+        column = pos - (self.source.rfind("\n", 0, pos) + 1) + 1
+        return TdbqlError(message, line=line, column=column, source=self.source)
 
     def loaded_latents(self) -> tuple[str, ...]:
         return tuple(c for c in LATENTS if c in self.sae_layers)
@@ -172,9 +190,158 @@ class Checks:
                 )
 
 
+def parse_size(value: object) -> int | None:
+    """Bytes of a memory size: a number of bytes, or '8GB', '512 MiB', '1.5g' (KB, MB, GB, TB are
+    powers of 1000, KiB ... TiB of 1024); None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return int(value) if 0 < value < 2**63 else None
+    match = SIZE.fullmatch(str(value))
+    if match is None:
+        return None
+    unit = (match.group(2) or "").lower()
+    scale = 1 if unit in ("", "b", "bytes") else (1024 if "i" in unit else 1000) ** ("kmgt".index(unit[0]) + 1)
+    size = int(float(match.group(1)) * scale)
+    return size if 0 < size < 2**63 else None
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate in `text` (what bytes that are not UTF-8 decode to with
+    Python's surrogateescape, e.g. from a Latin-1 command line), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
 def int_values(value: object) -> tuple[object, ...]:
     if isinstance(value, Range):
         return (value.lo, value.hi)
     if isinstance(value, tuple):
         return value
     return (value,)
+
+
+class ValueChecks:
+    """Mixed into the binder (needs `fail`, `fail_at`, `span`, `source`): every number of a
+    statement is one the executor can hold, and every string is text it can encode."""
+
+    dtype: str = "fp32"
+
+    # --- text: strings that are not UTF-8, devices ---
+
+    def text_values(self, stmt: Node) -> None:
+        for what, text in _strings(stmt):
+            at = lone_surrogate(text)
+            if at is not None:
+                raise self._bad_text(what, text, at)
+        device = stmt.device if isinstance(stmt, ModelStmt) else (
+            stmt.value if isinstance(stmt, SetStmt) and stmt.name.lower() == "device" else None)
+        if device is not None and not DEVICE_PATTERN.fullmatch(str(device)):
+            raise self.fail(f"device {str(device)!r} is not supported: use {DEVICES}", r"\bdevice\b")
+        if isinstance(stmt, SetStmt) and stmt.name.lower() == "memory_limit":
+            if str(stmt.value).lower() != "auto" and parse_size(stmt.value) is None:
+                raise self.fail(f"memory_limit is a size such as '8GB' or '512MiB', a number of bytes, or auto, "
+                                f"not {stmt.value!r}", r"\bmemory_limit\b")
+
+    def _bad_text(self, what: str, text: str, at: int) -> TdbqlError:
+        char = text[at]
+        byte = f" (byte 0x{ord(char) - 0xDC00:02X} of input that is not UTF-8)" if ord(char) >= 0xDC80 else ""
+        message = f"{what} holds an invalid character U+{ord(char):04X}{byte}; write the text in UTF-8"
+        pos = self.source.find(char) if self.source is not None else -1
+        return self.fail_at(pos, message) if pos >= 0 else self.fail(message)
+
+    # --- numbers: int64 for counts, ids and positions; the model dtype's finite range for values ---
+
+    def numbers(self, stmt: Node) -> Node:
+        """`stmt` with every number checked; an integer compared with a scalar beyond int64
+        becomes a float (the executor compares scalars as floats)."""
+        return self._number_node(stmt)
+
+    def _number_node(self, node: Node) -> Node:
+        updates = {}
+        for name, value in node:
+            checked = self._number(value, name, node)
+            if checked is not value:
+                updates[name] = checked
+        return node.model_copy(update=updates) if updates else node
+
+    def _number(self, value, name: str, parent: Node):
+        if isinstance(value, Node):
+            return self._number_node(value)
+        if isinstance(value, tuple):
+            items = tuple(self._number(v, name, parent) for v in value)
+            return items if any(a is not b for a, b in zip(items, value)) else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value
+        if isinstance(parent, Ablation):
+            return self._model_value(value, "an ablation")
+        if isinstance(parent, Condition) and parent.field in SCALARS:
+            return self._model_value(value, f"a comparison with {parent.field}")
+        what = _number_name(name, parent)
+        if isinstance(value, float):
+            return self._finite(value, what)
+        if not INT64[0] <= value <= INT64[1]:
+            raise self.fail(f"{what} {value} is out of range: integers here are {INT64[0]}..{INT64[1]} (int64)",
+                            self._number_at(value))
+        return value
+
+    def _model_value(self, value: int | float, what: str) -> float | int:
+        limit = FINITE_MAX.get(self.dtype, FINITE_MAX["fp32"])
+        if not -limit <= value <= limit:
+            raise self.fail(f"{self._written(value)} is out of range for {what} in the model's {self.dtype}: "
+                            f"values are finite, {-limit:.7g}..{limit:.7g}", self._number_at(value))
+        return float(value) if isinstance(value, int) and not INT64[0] <= value <= INT64[1] else value
+
+    def _finite(self, value: float, what: str) -> float:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise self.fail(f"{what} {self._written(value)} is not a finite number (at most "
+                            f"{FINITE_MAX['fp32']:.7g} in magnitude)", self._number_at(value))
+        return value
+
+    def _literal(self, value: int | float) -> str | None:
+        """The number as written in the statement, when it can be found."""
+        if self.source is None or self.span is None:
+            return None
+        body = self.source[self.span.start_pos:self.span.end_pos]
+        for match in NUMBER.finditer(body):
+            text = match.group(0)
+            if text == str(value) or ("." in text or "e" in text.lower()) and float(text) == value:
+                return text
+        return None
+
+    def _written(self, value) -> str:
+        return self._literal(value) or str(value)
+
+    def _number_at(self, value) -> str | None:
+        text = self._literal(value)
+        return ALONE_BEFORE + re.escape(text) + ALONE_AFTER if text else None
+
+
+_NUMBER_NAMES = {"k": "K", "index": "index", "key": "key token", "n": "count", "from_token": "token",
+                 "lo": "bound", "hi": "bound"}
+
+
+def _number_name(name: str, parent: Node) -> str:
+    """How a number is called in a message: its `where` field, `K` of topk, `index` of a node, ..."""
+    if isinstance(parent, Condition):
+        return parent.field
+    return _NUMBER_NAMES.get(name, name)
+
+
+def _strings(node: Node) -> list[tuple[str, str]]:
+    """(what, text) of every string a statement holds, nested ones included."""
+    out = []
+    for field, value in node:
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, Node):
+                out += _strings(item)
+            elif isinstance(item, str):
+                out.append((_STRING_NAMES.get(field, field), item))
+    return out
+
+
+_STRING_NAMES = {"texts": "prompt", "corrupts": "corrupt prompt", "targets": "target", "distractors": "distractor",
+                 "text": "statement", "sql": "the query", "name": "name", "path": "path", "token": "token"}
