@@ -136,17 +136,31 @@ def load_autoencoders(path: str | Path) -> list[Autoencoder]:
     if not path.exists():
         raise TdbqlError(f"autoencoder path {str(path)!r} not found")
     if path.is_file():
-        return [_load_tdb(path)]
+        return [_checked(_load_tdb, path)]
     if (path / SAELENS_WEIGHTS).exists():
-        return [_load_saelens(path)]
-    found = [_load_saelens(p) for p in sorted(path.iterdir()) if (p / SAELENS_WEIGHTS).exists()]
-    found += [_load_tdb(p) for p in sorted(path.glob("*.safetensors"))]
+        return [_checked(_load_saelens, path)]
+    found = [_checked(_load_saelens, p) for p in sorted(path.iterdir()) if (p / SAELENS_WEIGHTS).exists()]
+    found += [_checked(_load_tdb, p) for p in sorted(path.glob("*.safetensors"))]
     if not found:
         raise TdbqlError(f"no autoencoder in {path} (SAELens cfg.json + {SAELENS_WEIGHTS}, or TDB *.safetensors)")
     keys = [(ae.site, ae.layer) for ae in found]
     if len(set(keys)) != len(keys):
         raise TdbqlError(f"{path} holds two autoencoders for the same site and layer")
     return sorted(found, key=lambda ae: (ae.site, ae.layer))
+
+
+def _checked(load, path: Path) -> Autoencoder:
+    """One autoencoder; a config of the wrong types or values (cfg.json is anyone's JSON) is a
+    TdbqlError naming the file."""
+    try:
+        ae = load(path)
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as err:
+        raise TdbqlError(f"{path}: cannot read the autoencoder ({type(err).__name__}: {err})") from None
+    if not all(p.is_floating_point() for p in ae.parameters()):
+        raise TdbqlError(f"{path}: the autoencoder's tensors must hold floating-point numbers")
+    if ae.k is not None and not 0 < ae.k <= ae.n_latents:
+        raise TdbqlError(f"{path}: k {ae.k} must be between 1 and the {ae.n_latents} latents")
+    return ae
 
 
 def load_autoencoder(path: str | Path) -> Autoencoder:
@@ -173,9 +187,11 @@ def _need(tensors: dict[str, torch.Tensor], names: tuple[str, ...], path: Path) 
 def _load_saelens(folder: Path) -> Autoencoder:
     cfg_path = folder / "cfg.json"
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or not UTF-8
         raise TdbqlError(f"cannot read {cfg_path}: {err}") from None
+    if not isinstance(cfg, dict):
+        raise TdbqlError(f"{cfg_path}: expected a JSON object")
     tensors, _ = _read_tensors(folder / SAELENS_WEIGHTS)
     _need(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), folder / SAELENS_WEIGHTS)
     arch = str(cfg.get("architecture", "standard")).lower()
@@ -202,7 +218,11 @@ def _load_tdb(path: Path) -> Autoencoder:
     _need(tensors, ("encoder.weight", "decoder.weight", "pre_bias", "latent_bias"), path)
     side = path.parent / "cfg.json"
     if not meta.get("site") and side.exists():
-        meta = {**{k: str(v) for k, v in json.loads(side.read_text()).items()}, **meta}
+        try:
+            extra = json.loads(side.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as err:
+            raise TdbqlError(f"cannot read {side}: {err}") from None
+        meta = {**{k: str(v) for k, v in extra.items()}, **meta}
     activation = meta.get("activation", "ReLU").lower()
     if activation not in ("relu", "topk"):
         raise TdbqlError(f"{path}: TDB activation {meta.get('activation')!r} is not supported (ReLU, TopK)")

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from ...query.checks import lone_surrogate
 from ...query.errors import TdbqlError
 from .hooks import HookSet
 
@@ -59,10 +60,15 @@ AddHooks = Callable[[HookSet, Batch], None]
 
 
 def encode_prompts(loaded, prompts: Sequence[PromptRow], *, what: str = "prompt") -> list[list[int]]:
-    """Token ids per prompt; a TdbqlError for an empty prompt or one longer than n_ctx."""
+    """Token ids per prompt; a TdbqlError for an empty prompt, one longer than n_ctx, or one
+    that is not text (a lone surrogate, e.g. from a JSON file's "\\udce9")."""
     n_ctx = loaded.config.n_ctx
     encoded = []
     for prompt in prompts:
+        bad = lone_surrogate(prompt.text)
+        if bad is not None:
+            raise TdbqlError(f"{what} {prompt.prompt_id} holds an invalid character U+{ord(prompt.text[bad]):04X} "
+                             f"at character {bad + 1}; prompts must be UTF-8 text")
         ids = loaded.encode(prompt.text)
         if not ids:
             raise TdbqlError(f"{what} {prompt.prompt_id} has no tokens")

@@ -23,22 +23,58 @@ def config_from_hf(hf: dict, *, where: Path | str = "config.json") -> ModelConfi
     if parse is None:
         raise TdbqlError(f"{where}: unsupported model_type {arch!r} (gpt2, gpt_neox, llama, mistral, qwen2)")
     try:
-        return parse(hf)
-    except (KeyError, ValueError) as err:
+        cfg = parse(hf)
+        _validate(cfg)
+    except KeyError as err:
+        raise TdbqlError(f"{where}: cannot read {arch} config (no {err.args[0]!r})") from None
+    except (ValueError, TypeError, ZeroDivisionError, AttributeError) as err:
         raise TdbqlError(f"{where}: cannot read {arch} config ({err})") from None
+    return cfg
+
+
+# the config fields that size tensors: positive integers (JSON may hold anything)
+_COUNTS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_mlp", "n_ctx")
+
+
+def _validate(cfg: ModelConfig) -> None:
+    for name in _COUNTS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{_HF_NAMES.get((cfg.arch, name), name)} must be a positive integer, not {value!r}")
+    for name in ("norm_eps", "rope_theta"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a positive number, not {value!r}")
+    if not 0 <= cfg.rotary_dim <= cfg.d_head or cfg.rotary_dim % 2:
+        raise ValueError(f"the rotary dimension {cfg.rotary_dim} must be even and at most d_head {cfg.d_head}")
+
+
+_HF_NAMES = {("gpt2", "d_model"): "n_embd", ("gpt2", "n_layers"): "n_layer", ("gpt2", "n_heads"): "n_head",
+             ("gpt2", "n_ctx"): "n_positions", ("gpt2", "d_mlp"): "n_inner"}
+
+
+def _heads(hf: dict, d_model_key: str, heads_key: str) -> tuple[int, int, int]:
+    """(d_model, n_heads, d_head) for families whose heads split d_model evenly."""
+    d_model, n_heads = hf[d_model_key], hf[heads_key]
+    for key, value in ((d_model_key, d_model), (heads_key, n_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, not {value!r}")
+    if d_model % n_heads:
+        raise ValueError(f"{d_model_key} {d_model} is not a multiple of {heads_key} {n_heads}")
+    return d_model, n_heads, d_model // n_heads
 
 
 def _gpt2_config(hf: dict) -> ModelConfig:
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
         raise ValueError("only GPT-2 attention scaled by 1/sqrt(d_head) is supported")
-    d_model, n_heads = hf["n_embd"], hf["n_head"]
+    d_model, n_heads, d_head = _heads(hf, "n_embd", "n_head")
     return ModelConfig(
         arch="gpt2",
         vocab_size=hf["vocab_size"],
         d_model=d_model,
         n_layers=hf["n_layer"],
         n_heads=n_heads,
-        d_head=d_model // n_heads,
+        d_head=d_head,
         d_mlp=hf.get("n_inner") or 4 * d_model,
         n_ctx=hf["n_positions"],
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
@@ -64,8 +100,7 @@ def _rope(hf: dict) -> tuple[float, dict, float]:
 
 
 def _neox_config(hf: dict) -> ModelConfig:
-    d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    d_head = d_model // n_heads
+    d_model, n_heads, d_head = _heads(hf, "hidden_size", "num_attention_heads")
     theta, scaling, partial = _rope(hf)
     bias = hf.get("attention_bias", True)
     return ModelConfig(
@@ -94,7 +129,7 @@ def _neox_config(hf: dict) -> ModelConfig:
 def _llama_config(hf: dict) -> ModelConfig:
     arch = hf["model_type"]
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    d_head = hf.get("head_dim") or d_model // n_heads
+    d_head = hf.get("head_dim") or _heads(hf, "hidden_size", "num_attention_heads")[2]
     theta, scaling, partial = _rope(hf)
     if arch == "qwen2" and hf.get("use_sliding_window"):
         raise ValueError("Qwen2 sliding-window attention is not supported")

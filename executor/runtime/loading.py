@@ -86,8 +86,13 @@ class LoadedModel:
         )
 
     def encode(self, text: str) -> list[int]:
-        """Token ids as the tokenizer's own post-processor makes them (e.g. Llama's BOS)."""
-        return self.tokenizer.encode(text).ids
+        """Token ids as the tokenizer's own post-processor makes them (e.g. Llama's BOS); an id
+        the model has no embedding for (a tokenizer.json of another model) is a TdbqlError."""
+        ids = self.tokenizer.encode(text).ids
+        if ids and max(ids) >= self.config.vocab_size:
+            raise TdbqlError(f"the tokenizer gives id {max(ids)} for {text[:40]!r}, beyond the model's vocabulary of "
+                             f"{self.config.vocab_size}: tokenizer.json does not match the weights")
+        return ids
 
     def token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
@@ -126,14 +131,19 @@ class LoadedModel:
 # --- entry point --------------------------------------------------------------------------------
 
 
-def load_model(name: str = "default", *, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
+def load_model(name: str = "default", *, dtype: str = "fp32", device: str = "cpu",
+               offline: bool = False, local: bool = True) -> LoadedModel:
+    """Load `name` (see the module docstring). `offline`: never the network (hub ids from the
+    local cache only); `local` False: never a local path (--safe sets both for scripts)."""
     if dtype not in TORCH_DTYPES:
         raise TdbqlError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
     torch_dtype = TORCH_DTYPES[dtype]
     torch_device = _device(device)
-    folder = resolve_model_folder(name)
-    config = config_from_hf(_read_json(folder / "config.json"), where=folder)
-    model = build_model(config, read_state_dict(folder, torch_device), dtype=torch_dtype, device=torch_device)
+    folder = resolve_model_folder(name, offline=offline, local=local)
+    config = config_from_hf(_read_json(folder / "config.json"), where=folder / "config.json")
+    files = safetensors_files(folder)
+    check_layers(config, files)
+    model = build_model(config, read_state_dict(files, torch_device), dtype=torch_dtype, device=torch_device)
     tokenizer = _load_tokenizer(folder)
     loaded = LoadedModel(name, model, tokenizer, config, torch_device, torch_dtype)
     if name == "default":
@@ -144,49 +154,83 @@ def load_model(name: str = "default", *, dtype: str = "fp32", device: str = "cpu
     return loaded
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def _device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise TdbqlError(f"unknown device {device!r}") from None
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise TdbqlError(f"device {device!r} is not supported: use cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TdbqlError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise TdbqlError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise TdbqlError(f"device {device!r} requested but MPS is not available")
     return dev
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; every way the file can be wrong is a TdbqlError naming it."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise TdbqlError(f"missing {path.name} in {path.parent}") from None
-    except json.JSONDecodeError as err:
+    except OSError as err:
+        raise TdbqlError(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise TdbqlError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (json.JSONDecodeError, RecursionError) as err:
         raise TdbqlError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise TdbqlError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:
     path = folder / "tokenizer.json"
-    if not path.exists():
+    if not path.is_file():
         raise TdbqlError(f"missing tokenizer.json in {folder} (only fast tokenizers are supported)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 -- the tokenizers library raises plain Exception
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TdbqlError(f"{path}: not a readable tokenizer.json ({reason})") from None
 
 
 # --- finding the folder -------------------------------------------------------------------------
 
 
-def resolve_model_folder(name: str) -> Path:
+HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*")
+
+
+def resolve_model_folder(name: str, *, offline: bool = False, local: bool = True) -> Path:
+    """The folder of `name`: "default", a local folder, a registry name or a hub id (downloaded
+    unless `offline`). Without `local`, a name that is not the embedded model, a registry name
+    or a hub id is refused with one message, without looking at the disk (no existence oracle)."""
     if name == "default":
         if not (DEFAULT_MODEL_DIR / "config.json").exists():
             raise TdbqlError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}")
         return DEFAULT_MODEL_DIR
+    repo_id = REGISTRY_NAMES.get(name) or (name if HUB_ID.fullmatch(name) else None)
+    if not local:
+        if repo_id is None:
+            raise TdbqlError(f"model {name!r}: loading a model from a local path is disabled in --safe mode (it "
+                             "loads `default`, the embedded model, or a hub id already in the local cache)")
+        return hub_snapshot(repo_id, offline=offline)
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if name in REGISTRY_NAMES:
-        return hub_snapshot(REGISTRY_NAMES[name])
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not path.exists():
-        return hub_snapshot(name)
-    if path.exists() or "/" in name or name.startswith("."):
-        raise TdbqlError(f"model folder {name!r} not found (or not a folder)")
+    if repo_id is not None and not path.exists():
+        return hub_snapshot(repo_id, offline=offline)
+    if path.exists():
+        raise TdbqlError(f"model {name!r} is a file, not a folder (config.json, *.safetensors, tokenizer.json)")
+    if "/" in name or name.startswith((".", "~")):
+        raise TdbqlError(f"no such folder: {name!r}")
     raise TdbqlError(f"unknown model {name!r}: not a folder, a hub id (org/name) or a registry name")
 
 
@@ -197,12 +241,16 @@ def hf_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """The cached snapshot folder for `repo_id`, downloading it if the hub is reachable."""
+def hub_snapshot(repo_id: str, *, offline: bool = False) -> Path:
+    """The cached snapshot folder for `repo_id`, downloading it if the hub is reachable and not
+    `offline`."""
     cache = hf_cache_dir()
     found = _cached_snapshot(cache, repo_id)
     if found is not None:
         return found
+    if offline:
+        raise TdbqlError(f"model {repo_id!r} is not in the local Hugging Face cache {cache} "
+                         "(--safe: no downloads)")
     if _hub_reachable():
         try:
             from huggingface_hub import snapshot_download
@@ -252,8 +300,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
-        return [folder / s for s in shards]
+        return _shards(folder, index)
     single = folder / "model.safetensors"
     if single.exists():
         return [single]
@@ -262,25 +309,71 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise TdbqlError(f"no model.safetensors (or model.safetensors.index.json) in {folder}")
 
 
-def read_state_dict(folder: Path, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+def _shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files an index names: plain file names in `folder`, each present."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise TdbqlError(f"{index}: no weight_map (an object of weight name -> shard file)")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise TdbqlError(f"{index}: shard {shard!r} is not a file name in {folder}")
+        if not (folder / shard).is_file():
+            raise TdbqlError(f"missing weight shard {shard} in {folder} (named by {index.name})")
+    return [folder / s for s in shards]
+
+
+def _open(path: Path, device: torch.device | str = "cpu"):
+    """safe_open, with a corrupt file (truncated, random, empty, a bad header) a TdbqlError."""
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own SafetensorError and OSError
+        raise TdbqlError(f"{path}: not a readable safetensors file ({_reason(err)})") from None
+
+
+def _reason(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def check_layers(cfg: ModelConfig, files: list[Path]) -> None:
+    """config.json's layer count against the layers the weights hold (read from the headers, so
+    that a config claiming a billion layers fails before a model is built)."""
+    layers = set()
+    for path in files:
+        with _open(path) as f:
+            layers.update(int(m.group(1)) for key in f.keys() if (m := LAYER_KEY.search(key)))
+    if layers and (max(layers) + 1 != cfg.n_layers or len(layers) != cfg.n_layers):
+        raise TdbqlError(f"{files[0].parent / 'config.json'} says {cfg.n_layers} layers but the weights hold "
+                         f"{len(layers)} (layers {min(layers)}..{max(layers)})")
+
+
+LAYER_KEY = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
+
+
+def read_state_dict(files: list[Path], device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs, read one at a time from memory-mapped safetensors files straight
     onto `device` (so a GPU load never holds the whole model in host memory)."""
-    for path in safetensors_files(folder):
-        if not path.exists():
-            raise TdbqlError(f"missing weight shard {path.name} in {folder}")
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+    for path in files:
+        with _open(path, device) as f:
             for key in f.keys():
-                yield key, f.get_tensor(key)
+                try:
+                    tensor = f.get_tensor(key)
+                except Exception as err:  # noqa: BLE001 -- data past the end of a truncated file
+                    raise TdbqlError(f"{path}: cannot read tensor {key!r} ({_reason(err)})") from None
+                yield key, tensor
 
 
 def build_model(cfg: ModelConfig, hf_weights, *, dtype: torch.dtype, device: torch.device) -> Transformer:
     """A Transformer with HF weights assigned (no random init, no copies beyond dtype/device)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    try:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+    except (RuntimeError, ValueError, OverflowError) as err:
+        raise TdbqlError(f"config.json describes a model that cannot be built ({_reason(err)})") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for hf_name, tensor in hf_weights:
-        for ours, value in map_weights(cfg, hf_name, tensor):
+        for ours, value in _mapped(cfg, hf_name, tensor):
             if cfg.tied_embeddings and ours == "unembed.weight":
                 continue  # tied: the embedding is the unembedding
             if ours not in params:
@@ -302,6 +395,17 @@ def build_model(cfg: ModelConfig, hf_weights, *, dtype: torch.dtype, device: tor
         raise TdbqlError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[0]!r}")
     model.requires_grad_(False)
     return model.eval()
+
+
+def _mapped(cfg: ModelConfig, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """map_weights, with a tensor whose shape cannot be split as config.json says a TdbqlError."""
+    if not (tensor.is_floating_point() or tensor.dtype == torch.bool):
+        raise TdbqlError(f"weight {hf_name!r} holds {tensor.dtype}, not floating-point numbers")
+    try:
+        return map_weights(cfg, hf_name, tensor)
+    except (ValueError, RuntimeError) as err:
+        raise TdbqlError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, which does not fit config.json "
+                         f"(d_model {cfg.d_model}, {cfg.n_heads} heads of {cfg.d_head})") from err
 
 
 def _assign(model: Transformer, name: str, value: torch.Tensor) -> None:

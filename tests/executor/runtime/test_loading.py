@@ -152,7 +152,7 @@ def test_pickle_only_checkpoint_is_refused(make_checkpoint, tmp_path):
     "name, message",
     [
         ("no-such-model-anywhere", "unknown model"),
-        ("./no/such/folder", "not found"),
+        ("./no/such/folder", "no such folder"),
     ],
 )
 def test_bad_names_are_clean_errors(name, message):
