@@ -89,6 +89,21 @@ class Checks:
             raise self.fail(f"topk {k} is more than the vocabulary ({self.info.vocab_size} tokens)", r"\btopk\b")
         return k
 
+    def positions(self, where: Collection[Condition], lengths: Collection[int], n_prompts: int) -> None:
+        """A `token` or `attended` condition that no position of any prompt passes (`lengths`:
+        the prompts' token counts), or a `prompt` condition no prompt id passes, is an error, as
+        `ablate mlp[1,2]@50` is; one that some prompts pass filters the others silently."""
+        for cond in where:
+            if cond.field in ("token", "attended") and lengths and not any(_selects(cond, n) for n in set(lengths)):
+                n = max(lengths)
+                raise self.fail(f"{cond.field} {_shown(cond)} selects no position: the longest prompt has {n} tokens "
+                                f"(positions 0..{n - 1}, or {-n}..-1 from the end)",
+                                rf"\bwhere\b.*?(?P<at>\b{cond.field}\b)")
+            if cond.field == "prompt" and n_prompts and not _selects(cond, n_prompts, relative=False):
+                ids = f"{n_prompts} prompts (ids 0..{n_prompts - 1})" if n_prompts > 1 else "one prompt (id 0)"
+                raise self.fail(f"prompt {_shown(cond)} selects no prompt: the prompt set has {ids}",
+                                r"\bwhere\b.*?(?P<at>\bprompt\b)")
+
     # --- node references, ablations, traces ---
 
     def node_ref(self, node: NodeRef) -> NodeRef:
@@ -214,6 +229,38 @@ def lone_surrogate(text: str) -> int | None:
     except UnicodeEncodeError as err:
         return err.start
     return None
+
+
+def _selects(cond: Condition, n: int, relative: bool = True) -> bool:
+    """Whether some index 0..n-1 passes `cond` (a negative bound counts from the end when
+    `relative`, as conditions.py compares positions)."""
+
+    def at(v: int) -> int:
+        return n + v if relative and v < 0 else v
+
+    def some(lo: int, hi: int) -> bool:
+        return max(lo, 0) <= min(hi, n - 1)
+
+    value = cond.value
+    if isinstance(value, Range):
+        return some(at(value.lo), at(value.hi))
+    if isinstance(value, tuple):
+        return any(some(at(v), at(v)) for v in value)
+    if not isinstance(value, int):
+        return True
+    v = at(value)
+    spans = {"=": [(v, v)], "in": [(v, v)], "<": [(0, v - 1)], "<=": [(0, v)], ">": [(v + 1, n - 1)],
+             ">=": [(v, n - 1)], "!=": [(0, v - 1), (v + 1, n - 1)]}[cond.op]
+    return any(some(lo, hi) for lo, hi in spans)
+
+
+def _shown(cond: Condition) -> str:
+    value = cond.value
+    if isinstance(value, Range):
+        return f"in {value.lo}..{value.hi}"
+    if isinstance(value, tuple):
+        return f"in ({', '.join(map(str, value))})"
+    return f"{cond.op} {value}"
 
 
 def int_values(value: object) -> tuple[object, ...]:

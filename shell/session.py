@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from ..grammar.parse import parse
 from ..query.bind import bind, bind_query, needs_model
+from ..query.checks import Checks
 from ..query.context import NOTE_KEY, ModelInfo, PromptRow
 from ..query.errors import TdbqlError
 from ..query.plan import (
@@ -63,15 +64,19 @@ from .text import (
     substitute_params,
     with_source,
 )
+from .tables import (
+    PROMPT_TABLES,
+    QUERIES_DDL,
+    check_result_name,
+    ensure_queries,
+    next_query_id,
+    query_record,
+    save_result,
+    store_all,
+    table_names,
+)
 
 ProgressFn = Callable[[int, int], None]
-
-
-QUERIES_DDL = """
-CREATE TABLE IF NOT EXISTS queries (
-    query_id BIGINT, text VARCHAR, plan_json VARCHAR, model VARCHAR,
-    started_at TIMESTAMP, elapsed_ms DOUBLE, rows BIGINT, table_name VARCHAR
-)"""
 
 
 @dataclass
@@ -110,7 +115,7 @@ class Session:
                  dtype: str = "fp32", safe: bool = False, params: dict[str, str] | None = None,
                  progress: ProgressFn | None = None, batch_size: int | None = None,
                  compile: bool = False) -> None:
-        self.model_name = model
+        self.model_name = self.cli_model = model  # --model: the user's own choice, allowed under --safe
         self.db = db
         self.safe = safe
         self.params = dict(params or {})
@@ -119,6 +124,8 @@ class Session:
         self.prompts: list[PromptRow] = []
         self.loss: Loss | None = None
         self._loaded = None
+        self._user_transaction = False  # a `begin` of the user's is open (our writes join it)
+        self._lengths: set[int] = set()  # the prompts' token counts (the prompt tables hold them)
         self._engine_cache: tuple | None = None  # (key, Engine), see _engine
         self.con = self._connect()
         self._restore_prompts()
@@ -130,7 +137,10 @@ class Session:
             con = duckdb.connect(self.db or ":memory:")
         except duckdb.Error as exc:
             raise TdbqlError(f"cannot open database '{self.db}': {exc}") from exc
-        con.execute(QUERIES_DDL)
+        try:
+            con.execute(QUERIES_DDL)
+        except duckdb.Error:  # the name holds a view or another object: ensure_queries explains it later
+            pass
         if self.safe:
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
@@ -141,10 +151,7 @@ class Session:
 
     def table_names(self) -> list[str]:
         """Tables and views of the main schema, sorted."""
-        rel = self.con.sql(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY table_name"
-        )
-        return [r[0] for r in rel.fetchall()]
+        return table_names(self.con)
 
     def columns(self) -> dict[str, list[str]]:
         """Column names of every table and view, in order."""
@@ -157,25 +164,20 @@ class Session:
             out.setdefault(table, []).append(column)
         return out
 
-    def _store(self, name: str, table: pa.Table) -> None:
-        """CREATE OR REPLACE TABLE name AS SELECT * FROM the registered Arrow table."""
-        view = "_tdbql_arrow_in"
-        self.con.register(view, table)
-        try:
-            self.con.execute(f"CREATE OR REPLACE TABLE {quote_ident(name)} AS SELECT * FROM {view}")
-        finally:
-            self.con.unregister(view)
-
-    def _point_last_view(self, name: str) -> None:
-        self.con.execute(f"CREATE OR REPLACE VIEW _ AS SELECT * FROM {quote_ident(name)}")
-
     def _restore_prompts(self) -> None:
-        """A file database remembers its prompt set across sessions."""
+        """A file database remembers its prompt set across sessions. A `prompts` table the user
+        changed into something else does not stop the session from opening: it starts without
+        prompts, and says why when a query needs them."""
+        self._restore_error = None
         if "prompts" not in self.table_names():
             return
-        table = self.con.sql("SELECT * FROM prompts ORDER BY prompt_id").to_arrow_table()
-        if table.num_rows:
-            self.prompts = prompts_from_arrow(table, source="table prompts")
+        try:
+            table = self.con.sql("SELECT * FROM prompts ORDER BY prompt_id").to_arrow_table()
+            if table.num_rows:
+                self.prompts = prompts_from_arrow(table, source="table prompts")
+        except (duckdb.Error, TdbqlError) as err:
+            reason = duckdb_message(err) if isinstance(err, duckdb.Error) else err.message
+            self._restore_error = f"table prompts of {self.db} could not be read as a prompt set: {reason}"
 
     # --- model ---------------------------------------------------------------------------------
 
@@ -197,7 +199,8 @@ class Session:
         from ..executor.runtime.loading import load_model
 
         dtype, device = dtype or self.settings.dtype, device or self.settings.device
-        self._loaded = load_model(name, dtype=dtype, device=device)
+        self._loaded = load_model(name, dtype=dtype, device=device, offline=self.safe,
+                                  local=not self.safe or name == self.cli_model)
         use_threads_for(self._loaded)
         self.model_name, self.settings.dtype, self.settings.device = name, dtype, device
         if self.prompts:
@@ -263,7 +266,8 @@ class Session:
         if not needs_model(stmt):
             return bind(stmt, span, source=text)
         loaded = self.loaded
-        stmt = bind(stmt, span, info=loaded.info(), tokenize=loaded.encode, tables=self.table_names(), source=text)
+        stmt = bind(stmt, span, info=loaded.info(), tokenize=loaded.encode, tables=self.table_names(), source=text,
+                    dtype=self.settings.dtype)
         if isinstance(stmt, ExplainStmt):
             return self._bind_query(stmt.query, span, text, explain=True)
         if isinstance(stmt, QUERY_TYPES):
@@ -272,10 +276,13 @@ class Session:
 
     def _bind_query(self, query, span: Span, text: str, explain: bool = False) -> BoundQuery:
         if not self.prompts:
-            raise TdbqlError('no prompts yet: add one with prompt "..." or prompts from \'file.jsonl\'')
-        return bind_query(query, span, session_loss=self.loss, source=text, explain=explain,
-                          prompts_have_targets=all(p.target for p in self.prompts),
-                          prompts_have_pairs=all(p.corrupt is not None for p in self.prompts))
+            why = f" ({self._restore_error})" if self._restore_error else ""
+            raise TdbqlError(f'no prompts yet: add one with prompt "..." or prompts from \'file.jsonl\'{why}')
+        bound = bind_query(query, span, session_loss=self.loss, source=text, explain=explain,
+                           prompts_have_targets=all(p.target for p in self.prompts),
+                           prompts_have_pairs=all(p.corrupt is not None for p in self.prompts))
+        Checks(None, None, (), span, text).positions(getattr(query, "where", ()), self._lengths, len(self.prompts))
+        return bound
 
     def _dispatch(self, stmt, span: Span, text: str, source_name: str | None) -> StatementResult:
         handlers = {
@@ -297,26 +304,22 @@ class Session:
     # --- statements ------------------------------------------------------------------------
 
     def _run_model(self, stmt: ModelStmt, result: StatementResult, source_name) -> StatementResult:
-        local = resolve_path(stmt.name, source_name)
-        self._refuse_local_path_when_safe(local, "a model")
-        name = str(local) if local.exists() else stmt.name
+        name = stmt.name
+        if name != "default" and not self.safe:  # `default` is always the embedded model (./default a folder)
+            local = resolve_path(name, source_name)
+            name = str(local) if local.exists() else name
         self._load(name, dtype=stmt.dtype or self.settings.dtype, device=stmt.device or self.settings.device)
         result.message = describe_model(self._loaded.info(), self.settings)
         return result
 
     def _run_sae(self, stmt: SaeStmt, result: StatementResult, source_name) -> StatementResult:
+        if self.safe:  # one message whether the path exists or not
+            raise TdbqlError("loading autoencoders from a local path is disabled in --safe mode")
         path = resolve_path(stmt.path, source_name)
-        self._refuse_local_path_when_safe(path, "autoencoders")
         aes = self.loaded.load_sae(path, stmt.site)
         attached = [f"{ae.site}[{ae.layer}] ({ae.n_latents} latents)" for ae in aes]
         result.message = f"attached {len(attached)} autoencoder(s): {', '.join(attached)}"
         return result
-
-    def _refuse_local_path_when_safe(self, path: Path, what: str) -> None:
-        """--safe: scripts load models and autoencoders by registry name or hub id, not from files
-        (the --model given on the command line is the user's own choice and stays allowed)."""
-        if self.safe and path.exists():
-            raise TdbqlError(f"loading {what} from a local path is disabled in --safe mode: {path}")
 
     def _run_prompt(self, stmt: PromptStmt, result: StatementResult, source_name) -> StatementResult:
         return self._set_prompts(prompt_rows(stmt.texts, stmt.corrupts), result)
@@ -354,17 +357,11 @@ class Session:
         corrupt_ids = iter(encode_prompts(loaded, [p.model_copy(update={"text": p.corrupt}) for p in pairs],
                                           what="corrupt prompt"))
         corrupt_encoded = [next(corrupt_ids) if p.corrupt is not None else None for p in rows]
+        self._lengths = {len(ids) for ids in encoded + corrupt_encoded if ids is not None}
         tables = {"prompts": prompts_table(rows, encoded, corrupt_encoded),
                   "tokens": tokens_table(rows, encoded, loaded.token_str),
                   "corrupt_tokens": tokens_table(rows, corrupt_encoded, loaded.token_str)}
-        self.con.begin()
-        try:
-            for name, table in tables.items():
-                self._store(name, table)
-        except BaseException:
-            self.con.rollback()
-            raise
-        self.con.commit()
+        store_all(self.con, tables, joined=self._user_transaction)
 
     def _run_target(self, stmt: TargetStmt, result: StatementResult, source_name) -> StatementResult:
         self.loss = stmt.loss
@@ -387,6 +384,7 @@ class Session:
 
     def _run_sql(self, stmt: SqlStmt, result: StatementResult, source_name) -> StatementResult:
         rel = self.con.sql(stmt.text)
+        self._track_transaction(first_word(stmt.text))
         if rel is None:
             result.message = "OK"
             return result
@@ -400,6 +398,12 @@ class Session:
         else:
             result.message = "OK"
         return result
+
+    def _track_transaction(self, word: str) -> None:
+        if word == "begin":
+            self._user_transaction = True
+        elif word in ("commit", "rollback", "abort", "end"):
+            self._user_transaction = False
 
     # --- model queries ---------------------------------------------------------------------
 
@@ -421,18 +425,18 @@ class Session:
 
     def _run_query(self, bound: BoundQuery, result: StatementResult) -> StatementResult:
         query = bound.query
-        _check_result_name(query.name)
+        check_result_name(query.name)
+        self._ensure_session_tables()
         started_at = datetime.now(timezone.utc).replace(tzinfo=None)
         t0 = time.perf_counter()
         tables = self._engine().run(bound, self.prompts)
         elapsed_ms = (time.perf_counter() - t0) * 1000
-        query_id = self._next_query_id()
+        query_id = next_query_id(self.con)
         named = self._name_results(query, tables, query_id)
-        for name, table in named.items():
-            self._store(name, table)
         shown_name, shown = _shown_table(named)
-        self._point_last_view(shown_name)
-        self._record_query(query_id, result.text, query, started_at, elapsed_ms, shown.num_rows, list(named))
+        record = query_record(query_id, result.text, query, self.model_name, started_at, elapsed_ms, shown.num_rows,
+                              list(named))
+        save_result(self.con, named, shown_name, record, joined=self._user_transaction)
         result.table, result.table_name = shown, shown_name
         if len(named) > 1:
             result.message = "tables: " + ", ".join(f"{n} ({t.num_rows} rows)" for n, t in named.items())
@@ -441,8 +445,11 @@ class Session:
             result.message = note.decode()
         return result
 
-    def _next_query_id(self) -> int:
-        return int(self.con.sql("SELECT coalesce(max(query_id), 0) + 1 FROM queries").fetchall()[0][0])
+    def _ensure_session_tables(self) -> None:
+        """`queries` and the prompt set's tables back if a user dropped them (before the query runs)."""
+        ensure_queries(self.con)
+        if self.prompts and not set(PROMPT_TABLES) <= set(self.table_names()):
+            self._write_prompt_tables(self.prompts)
 
     def _name_results(self, query, tables: dict[str, pa.Table], query_id: int) -> dict[str, pa.Table]:
         if isinstance(query, RoutesQuery):
@@ -458,15 +465,6 @@ class Session:
             n += 1
         return f"q{n}"
 
-    def _record_query(self, query_id: int, text: str, query, started_at: datetime, elapsed_ms: float,
-                      rows: int, names: list[str]) -> None:
-        self.con.execute(
-            "INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [query_id, text.strip(), query.model_dump_json(), self.model_name, started_at, elapsed_ms, rows,
-             ",".join(names)],
-        )
-
-
 # --- helpers (pure) ------------------------------------------------------------------------------
 
 
@@ -476,14 +474,6 @@ def _same_key(a: tuple, b: tuple) -> bool:
     same_saes = len(saes_a) == len(saes_b) and all(
         ka == kb and ae_a is ae_b for (ka, ae_a), (kb, ae_b) in zip(saes_a, saes_b))
     return loaded_a is loaded_b and same_saes and settings_a == settings_b
-
-
-RESERVED_TABLES = frozenset({"prompts", "tokens", "corrupt_tokens", "queries", "_"})
-
-
-def _check_result_name(name: str | None) -> None:
-    if name is not None and name.lower() in RESERVED_TABLES:
-        raise TdbqlError(f"'{name}' is a session table; name the result something else")
 
 
 def _shown_table(named: dict[str, pa.Table]) -> tuple[str, pa.Table]:
