@@ -15,11 +15,13 @@ import argparse
 import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from ..query.catalog import DTYPES
 from ..query.errors import TdbqlError
-from .format import FORMATS, ProgressBar
-from .meta import ShellState, emit, run_script
+from .format import FORMATS, HUMAN_FORMATS, MAX_ROWS_LIMIT, ProgressBar
+from .meta import ShellState, emit, read_script_file, run_items
+from .output import open_sink
 from .session import Session
 from .text import render_error
 
@@ -63,9 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run node queries through torch.compile (fast on repeated shapes; compiles first)")
     parser.add_argument("-D", dest="params", action="append", default=[], metavar="NAME=VALUE",
                         help="define $NAME for the statements (repeatable)")
-    parser.add_argument("--format", default="table", choices=FORMATS, help="result format (default: table)")
-    parser.add_argument("--max-rows", type=_positive_int, metavar="N",
-                        help="rows shown per table in table format (default: 40)")
+    parser.add_argument("--format", default="table", choices=FORMATS,
+                        help="result format (default: table); with another one, stdout holds only the data and "
+                             "status lines go to stderr; parquet only with -o")
+    parser.add_argument("-o", "--output", metavar="FILE",
+                        help="write results to FILE (.csv, .json, .jsonl, .parquet, .md pick the format)")
+    parser.add_argument("--max-rows", type=_row_count, metavar="N",
+                        help="rows shown per table in the table and line formats (default: 40)")
     parser.add_argument("--safe", action="store_true",
                         help="for scripts you did not write: no file or network access from SQL (DuckDB "
                              "enable_external_access=false), no prompt files, no model or autoencoder "
@@ -76,9 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _row_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_ROWS_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_ROWS_LIMIT}, got {text!r}")
+    return value
 
 
 def parse_params(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
@@ -121,12 +134,14 @@ def _scripts(args) -> list[tuple[str, str]]:
 def run_scripts(session: Session, scripts: list[tuple[str, str]], args) -> int:
     """Run -c/-f/stdin scripts in order, meta-command lines included (`.param`, `.mode`,
     `.output`, `.plot`, ...); stop at the first error (exit 1) or at `.quit`."""
-    max_rows = args.max_rows or (40 if args.format in ("table", "markdown") else None)
+    max_rows = args.max_rows or (40 if args.format in HUMAN_FORMATS else None)
     state = ShellState(session=session, mode=args.format, max_rows=max_rows, pager=False)
     try:
+        if args.output:
+            state.output = open_sink(Path(args.output).expanduser())
         for kind, value in scripts:
             text, source = _script_text(kind, value)
-            for shown in run_script(state, text, source, confirm_settings=False):
+            for shown in run_items(state, text, source, confirm_settings=False):
                 emit(state, shown)
             if state.quit:
                 break
@@ -146,11 +161,7 @@ def _script_text(kind: str, value: str) -> tuple[str, str]:
         return value, COMMAND_SOURCE
     if kind == "stdin":
         return value, STDIN_SOURCE
-    try:
-        with open(value, encoding="utf-8") as handle:
-            return handle.read(), value
-    except OSError as exc:
-        raise TdbqlError(f"cannot read '{value}': {exc.strerror}") from exc
+    return read_script_file(Path(value)), value
 
 
 def report(err: TdbqlError, debug: bool) -> int:

@@ -1,7 +1,8 @@
-"""Render Arrow tables as text: table (rich), csv, json, markdown.
+"""Render Arrow tables as text: table and line (for people, `display.py`), csv, json, jsonl,
+markdown (complete: every row, every column, nothing shortened); parquet is written to a file.
 
-Pure functions from a `pyarrow.Table` to a string, so the REPL, the CLI and `.output` share them.
-Only the `table` mode limits rows (like pgcli's row_limit); the export modes write every row.
+Pure functions from a `pyarrow.Table`, so the REPL, the CLI and `.output` share them. Only the
+table and line modes limit rows (like pgcli's row_limit).
 """
 
 from __future__ import annotations
@@ -12,94 +13,71 @@ import json
 import math
 from collections.abc import Sequence
 from decimal import Decimal
+from pathlib import Path
 
 import pyarrow as pa
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-from rich.table import Table
 
-FORMATS: tuple[str, ...] = ("table", "csv", "json", "markdown")
+from ..query.errors import TdbqlError
+from .display import format_cell, line_text, python_values, table_text, token_text
+
+FORMATS: tuple[str, ...] = ("table", "line", "csv", "json", "jsonl", "markdown", "parquet")
+HUMAN_FORMATS = frozenset({"table", "line"})
+FILE_ONLY_FORMATS = frozenset({"parquet"})
+EXTENSION_FORMATS: dict[str, str] = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                                     ".parquet": "parquet", ".md": "markdown"}
 DEFAULT_MAX_ROWS = 40
-NATURAL_WIDTH = 10_000
+MAX_ROWS_LIMIT = 1_000_000_000
+
+__all__ = ["FORMATS", "format_cell", "format_for_path", "format_table", "render_result", "write_parquet"]
 
 
 def format_table(table: pa.Table, mode: str = "table", *, max_rows: int | None = DEFAULT_MAX_ROWS,
-                 width: int | None = None, color: bool = False) -> str:
-    """Render `table` in `mode` (one of FORMATS). `max_rows` applies to `table` and `markdown`."""
-    if mode == "table":
-        return _rich_table(table, max_rows=max_rows, width=width, color=color)
+                 width: int | None = None, expanded: bool = False) -> str:
+    """Render `table` in `mode` (one of FORMATS but parquet). `max_rows` and `width` apply to the
+    table and line modes; `expanded` shows the table mode as lines."""
+    if mode == "table" and not expanded:
+        return table_text(table, max_rows=max_rows, width=width)
+    if mode in ("table", "line"):
+        return line_text(table, max_rows=max_rows)
     if mode == "csv":
         return _csv(table)
     if mode == "json":
-        return _json(table)
+        return json.dumps(_records(table), ensure_ascii=False)
+    if mode == "jsonl":
+        return "\n".join(json.dumps(r, ensure_ascii=False) for r in _records(table))
     if mode == "markdown":
-        return _markdown(table, max_rows=max_rows)
+        return _markdown(table)
+    if mode == "parquet":
+        raise TdbqlError("parquet is written to a file: .output FILE.parquet, .once FILE.parquet or -o FILE.parquet")
     raise ValueError(f"unknown format {mode!r}; expected one of {', '.join(FORMATS)}")
 
 
-def format_cell(value: object) -> str:
-    """Human-readable cell text: 4 significant digits for floats, NULL for missing values."""
-    if value is None:
-        return "NULL"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_cell(v) for v in value) + "]"
-    return str(value)
+def format_for_path(path: Path) -> str | None:
+    """The format a file's extension names (.csv, .json, .jsonl, .parquet, .md), if any."""
+    return EXTENSION_FORMATS.get(path.suffix.lower())
 
 
-def _visible_token(text: str) -> str:
-    """Make token text readable in a cell: leading spaces and newlines shown, quoted."""
-    return repr(text)
+def write_parquet(table: pa.Table, path: Path) -> None:
+    import pyarrow.parquet as pq  # only for parquet output
+
+    try:
+        pq.write_table(table, path)
+    except OSError as exc:
+        raise TdbqlError(f"cannot write '{path}': {exc}") from exc
 
 
-def _display_rows(table: pa.Table, max_rows: int | None) -> tuple[list[list[str]], int]:
-    shown = table if max_rows is None else table.slice(0, max_rows)
-    token_cols = {i for i, name in enumerate(shown.column_names) if name in ("token", "attended_token", "text")}
-    rows = []
-    for record in shown.to_pylist():
-        row = []
-        for i, value in enumerate(record.values()):
-            if i in token_cols and isinstance(value, str) and value != value.strip():
-                row.append(_visible_token(value))
-            else:
-                row.append(format_cell(value))
-        rows.append(row)
-    return rows, table.num_rows - shown.num_rows
-
-
-def _footer(total: int, hidden: int) -> str:
-    if hidden:
-        return f"({total} rows, {total - hidden} shown; use .mode csv or SQL LIMIT/OFFSET to see more)"
-    return f"({total} row{'s' if total != 1 else ''})"
-
-
-def _rich_table(table: pa.Table, *, max_rows: int | None, width: int | None, color: bool) -> str:
-    rows, hidden = _display_rows(table, max_rows)
-    numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) for t in table.schema.types]
-    out = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, highlight=False)
-    for name, is_num in zip(table.column_names, numeric):
-        out.add_column(name, justify="right" if is_num else "left", overflow="fold")
-    for row in rows:
-        out.add_row(*row)
-    buf = io.StringIO()
-    # no width: the table's natural width (wide tables go to the pager, which scrolls sideways)
-    console = Console(file=buf, width=width or NATURAL_WIDTH, force_terminal=color, no_color=not color,
-                      color_system="standard" if color else None, highlight=False)
-    console.print(out)
-    console.print(_footer(table.num_rows, hidden))
-    return buf.getvalue().rstrip("\n")
+def _columns(table: pa.Table) -> list[list]:
+    return [python_values(table.column(i)) for i in range(table.num_columns)]
 
 
 def _csv(table: pa.Table) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(table.column_names)
-    for record in table.to_pylist():
-        writer.writerow(["" if v is None else v for v in record.values()])
+    for row in zip(*_columns(table)):
+        writer.writerow(["" if v is None else v for v in row])
     return buf.getvalue().rstrip("\n")
 
 
@@ -108,6 +86,8 @@ def _json_safe(value: object) -> object:
         return None
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
     if isinstance(value, Decimal):
@@ -117,23 +97,22 @@ def _json_safe(value: object) -> object:
     return str(value)
 
 
-def _json(table: pa.Table) -> str:
-    """A JSON array of row objects (duckdb's `.mode json`); NaN and inf become null."""
-    records = [{k: _json_safe(v) for k, v in r.items()} for r in table.to_pylist()]
-    return json.dumps(records, ensure_ascii=False)
+def _records(table: pa.Table) -> list[dict]:
+    """Row objects (duckdb's `.mode json`); NaN and inf become null."""
+    names = table.column_names
+    return [{n: _json_safe(v) for n, v in zip(names, row)} for row in zip(*_columns(table))]
 
 
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "\\n")
 
 
-def _markdown(table: pa.Table, *, max_rows: int | None) -> str:
-    rows, hidden = _display_rows(table, max_rows)
-    lines = [_md_row(table.column_names), _md_row(["---"] * table.num_columns)]
-    lines += [_md_row(r) for r in rows]
-    if hidden:
-        lines.append("")
-        lines.append(_footer(table.num_rows, hidden))
+def _markdown(table: pa.Table) -> str:
+    names = table.column_names
+    tokens = [n in ("token", "attended_token", "text") for n in names]
+    lines = [_md_row(names), _md_row(["---"] * table.num_columns)]
+    for row in zip(*_columns(table)):
+        lines.append(_md_row([token_text(v) if t else format_cell(v) for v, t in zip(row, tokens)]))
     return "\n".join(lines)
 
 
@@ -142,11 +121,11 @@ def _md_row(cells: Sequence[str]) -> str:
 
 
 def render_result(result, *, mode: str = "table", max_rows: int | None = DEFAULT_MAX_ROWS, timer: bool = False,
-                  width: int | None = None, color: bool = False) -> str:
-    """What the shell prints for one `StatementResult`: its table, its message, its time."""
+                  width: int | None = None) -> str:
+    """What one `StatementResult` shows, as one text: its table, its message, its time."""
     parts = []
     if result.table is not None:
-        parts.append(format_table(result.table, mode, max_rows=max_rows, width=width, color=color))
+        parts.append(format_table(result.table, mode, max_rows=max_rows, width=width))
     if result.message:
         parts.append(result.message)
     if timer:

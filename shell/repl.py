@@ -1,23 +1,27 @@
 """The interactive shell on prompt_toolkit (kept thin: the logic lives in session/meta/format).
 
-Enter runs the input when (pgcli's rule, plus one-liners):
-- it is a meta-command (starts with `.`), `quit`/`exit`, or empty;
-- it ends with `;` outside quotes and comments;
-- it is a single line of complete tdbql statements (`topk 5 act` runs at once; SQL waits for `;`).
-Otherwise Enter starts a new line; Esc then Enter runs the input whatever it holds.
-Ctrl-C clears the input, or cancels a running query and keeps the session; Ctrl-D quits.
+Enter runs the input unless it is unfinished (pgcli's rule, made honest for one-liners):
+- a meta-command (`.tables`, `\\dt`, `help`), `quit`/`exit`, or empty input runs;
+- text ending with `;` outside quotes and comments runs;
+- an open string or `/* comment` in SQL, SQL without its `;`, or an open parenthesis waits for
+  the next line; anything else runs, so a line that does not parse shows its error at once.
+`$params` are filled in before this check. Esc then Enter runs the input whatever it holds.
+Ctrl-C clears the input, or cancels a running statement and keeps the session (a SQL statement
+through DuckDB's own interrupt); Ctrl-D quits.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
+import socket
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import duckdb
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import get_app
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
@@ -27,19 +31,19 @@ from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.lexers import PygmentsLexer
 
-from ..grammar.parse import parse
+from ..grammar.split import split_statements
 from ..query.catalog import SCALAR_NAMES
 from ..query.errors import TdbqlError
-from .completion import complete
+from .completion import complete, list_files, word_before
 from .format import ProgressBar
 from .lexer import TdbqlLexer
-from .meta import ShellState, emit, is_meta, run_script
+from .meta import REGISTRY, ShellState, emit, is_meta, run_items
+from .output import open_sink
 from .session import Session
-from .text import render_error
+from .text import offset_of, render_error, substitute_params
 
 PROMPT = "tdbql> "
 CONTINUATION = "   ...> "
-WORD_BEFORE_CURSOR = re.compile(r"[A-Za-z0-9_]*$")  # the partial word complete() replaces
 
 
 def history_path() -> Path:
@@ -69,42 +73,62 @@ def last_significant_char(text: str) -> str:
     return "" if quote else last
 
 
-def should_submit(text: str, parses: Callable[[str], bool]) -> bool:
-    """Whether Enter runs `text` (see the module docstring); `parses` tells complete tdbql."""
+def should_submit(text: str, params: dict[str, str] | None = None) -> bool:
+    """Whether Enter runs `text` (see the module docstring). `$params` are filled first, so an
+    undefined one is reported at once like any other error."""
     stripped = text.strip()
     if not stripped or is_meta(stripped) or stripped.lower() in ("quit", "exit"):
         return True
-    if last_significant_char(text) == ";":
-        return True
-    return "\n" not in stripped and parses(stripped)
-
-
-def is_complete_tdbql(text: str) -> bool:
-    """Whether `text` parses as tdbql statements only (SQL waits for its ';', as in pgcli)."""
     try:
-        statements = parse(text)
-    except Exception:  # a syntax error (or the parser's own bug) means: keep editing
+        text = substitute_params(text, params or {})
+    except TdbqlError:
+        return True
+    return last_significant_char(text) == ";" or not is_unfinished(text)
+
+
+def is_unfinished(text: str) -> bool:
+    """An open SQL string or comment, SQL without its closing `;`, or an open parenthesis: what a
+    next line can finish. A tdbql statement ends at the end of its line, so one that does not
+    parse there is complete and wrong (and so is a tdbql string left open: it cannot span lines)."""
+    try:
+        chunks = split_statements(text)
+    except TdbqlError as err:  # an open string
+        offset = offset_of(text, err.line or 1, err.column or 1)
+        return split_statements(text[:offset] + "x")[-1].is_sql
+    if not chunks:
         return False
-    return bool(statements) and all(stmt.kind != "sql" for stmt, _ in statements)
+    last = chunks[-1]
+    return last.is_sql or open_parens(text[last.start:last.end]) > 0
+
+
+def open_parens(text: str) -> int:
+    """Parentheses opened and not closed, outside quotes."""
+    depth, quote = 0, None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        else:
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+    return depth
 
 
 class TdbqlCompleter(Completer):
-    """prompt_toolkit adapter over the pure `complete(text, cursor, ...)`."""
+    """prompt_toolkit adapter over the pure `complete(text, cursor, **names)`."""
 
-    def __init__(self, catalog: Callable[[], tuple[Iterable[str], Iterable[str], Iterable[str]]]) -> None:
-        self.catalog = catalog
+    def __init__(self, names: Callable[[], Mapping[str, object]]) -> None:
+        self.names = names
 
     def get_completions(self, document, complete_event):
-        scalars, tables, columns = self.catalog()
-        prefix = WORD_BEFORE_CURSOR.search(document.text_before_cursor).group(0)
+        text, cursor = document.text, document.cursor_position
         try:
-            candidates = complete(document.text, document.cursor_position, scalars=scalars, tables=tables,
-                                  columns=columns)
-        except Exception:
+            partial = word_before(text, cursor)
+            candidates = complete(text, cursor, **self.names())
+        except Exception:  # completion must never break typing
             return
         for candidate in candidates:
-            if candidate.lower().startswith(prefix.lower()):
-                yield Completion(candidate, start_position=-len(prefix))
+            yield Completion(candidate, start_position=-len(partial))
 
 
 class Catalog:
@@ -115,19 +139,18 @@ class Catalog:
         self.refresh()
 
     def refresh(self) -> None:
-        self.tables = self.session.table_names()
-        self.columns = sorted({c for cols in self.session.columns().values() for c in cols})
+        self.table_columns = self.session.columns()
 
-    def __call__(self):
-        return SCALAR_NAMES, self.tables, self.columns
+    def __call__(self) -> dict[str, object]:
+        return {"scalars": SCALAR_NAMES, "table_columns": self.table_columns, "meta": REGISTRY, "files": list_files}
 
 
-def key_bindings() -> KeyBindings:
+def key_bindings(session: Session) -> KeyBindings:
     bindings = KeyBindings()
 
     @Condition
     def submit_now() -> bool:
-        return should_submit(get_app().current_buffer.text, is_complete_tdbql)
+        return should_submit(get_app().current_buffer.text, session.params)
 
     @bindings.add("enter", filter=submit_now)
     def _(event):
@@ -148,8 +171,43 @@ def toolbar_text(session: Session) -> str:
             f"db: {session.db or 'memory'} | .help ")
 
 
+class DuckdbInterrupt:
+    """While a statement runs, Ctrl-C also calls `con.interrupt()` from a thread woken by the
+    signal's wakeup fd: Python's own handler runs only when DuckDB next checks for signals, which
+    a long operator may not do for many seconds."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self.fired = False
+
+    def __enter__(self) -> DuckdbInterrupt:
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._previous = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while data := self._read.recv(64):
+            if signal.SIGINT in data:
+                self.fired = True
+                self.con.interrupt()
+
+    def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._previous)
+        self._write.close()
+        self._thread.join(timeout=1)
+        self._read.close()
+        if self.fired:  # an interrupt that came after the statement ended must not hit the next one
+            try:
+                self.con.execute("SELECT 1").fetchall()
+            except duckdb.Error:
+                pass
+
+
 def handle_input(state: ShellState, text: str, debug: bool = False) -> None:
-    """Run one submitted input (meta-command or statements) and show what it gives."""
+    """Run one submitted input (meta-commands and statements), showing each result as it comes."""
     stripped = text.strip()
     if not stripped:
         return
@@ -157,10 +215,10 @@ def handle_input(state: ShellState, text: str, debug: bool = False) -> None:
         state.quit = True
         return
     try:
-        for output in run_script(state, text):
-            emit(state, output)
+        with DuckdbInterrupt(state.session.con):
+            for shown in run_items(state, text):
+                emit(state, shown)
     except TdbqlError as err:
-        emit(state, getattr(err, "partial_output", ""))  # what a .read showed before its error
         if debug:
             traceback.print_exception(err)
         print(render_error(err), file=sys.stderr, flush=True)
@@ -187,16 +245,18 @@ def build_prompt(session: Session, catalog: Catalog) -> PromptSession:
         complete_while_typing=True,
         history=FileHistory(str(path)),
         auto_suggest=AutoSuggestFromHistory(),
-        key_bindings=key_bindings(),
+        key_bindings=key_bindings(session),
         bottom_toolbar=lambda: toolbar_text(session),
         enable_history_search=False,
     )
 
 
-def run_repl(session: Session, *, mode: str = "table", debug: bool = False) -> int:
+def run_repl(session: Session, *, mode: str = "table", debug: bool = False, output: str | None = None) -> int:
     # A parent that ignores SIGINT (some launchers do) would leave Ctrl-C dead in here.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     state = ShellState(session=session, mode=mode)
+    if output:
+        state.output = open_sink(Path(output).expanduser())
     catalog = Catalog(session)
     prompt = build_prompt(session, catalog)
     print(f"tdbql: type statements, SQL, or .help; Ctrl-D quits. Model: {session.model_name}")

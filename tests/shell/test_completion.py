@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tdbql.shell.completion import complete
+from tdbql.shell.completion import SQL_WORDS, complete
+from tdbql.shell.meta import REGISTRY
 
 TABLES = ["prompts", "tokens", "q1"]
 COLUMNS = ["layer", "act", "prompt_id"]
@@ -38,8 +39,19 @@ def at_end(text: str, **names) -> list[str]:
           "resid_sae_error"]),
         ("topk 5 act where layer = ", []),
         ("topk 5 act by ", ["layer", "token", "prompt", "component"]),
-        ("topk 5 act ablate ", ["mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae", "resid", "block", "resid.pre",
-                                "resid.mid", "resid.post"]),
+        # only what the binder accepts there: ablate and trace take neurons, heads and latents
+        ("topk 5 act ablate ", ["mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae"]),
+        ("topk 5 act ablate mlp[1,2]=0, ", ["mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae"]),
+        ("topk 5 act trace ", ["mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae"]),
+        ("topk 5 act patch ", ["mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae", "resid", "resid.pre",
+                               "resid.mid", "resid.post"]),
+        ("upvoted ", ["mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae", "block"]),
+        # where: the query kind's fields and the query's own scalars, not every scalar
+        ("topk 5 act where ", ["layer", "token", "attended", "head", "unit", "prompt", "component", "act"]),
+        ("topk 5 act, grad where layer = 1 and ", ["layer", "token", "attended", "head", "unit", "prompt",
+                                                  "component", "act", "grad"]),
+        ("select contribution(norm=2) of attn where c", ["component", "contribution"]),
+        ("topk 5 act_times_grad where a", ["attended", "act_times_grad"]),
         ("topk 5 act ablate mlp[1,2]=", ["mean"]),
         ("topk 5 act ablate mlp[1,2]=0 ", ["as", "by", "of", "over", "patch", "steer", "target", "trace", "verify", "where"]),
         ("logits topk 3 ", ["ablate", "as", "patch", "steer", "where"]),
@@ -99,6 +111,75 @@ def test_dsl_completions(text, expected):
 )
 def test_sql_completions(text, expected):
     assert at_end(text) == expected
+
+
+TABLE_COLUMNS = {"prompts": ["prompt_id", "text", "target"], "q1": ["layer", "unit", "act"],
+                 "tokens": ["prompt_id", "position", "token"]}
+
+
+@pytest.mark.parametrize(
+    "text, cursor, expected",
+    [
+        ("select * from q1 where ", None, ["layer", "unit", "act", "prompts", "q1", "tokens"]),
+        ("select * from prompts where t", None, ["text", "target", "tokens"]),
+        ("select t from tokens", len("select t"), ["token", "tokens"]),  # the FROM after the cursor counts
+        ("select * from q1 join tokens using (p", None, ["prompt_id", "position", "prompts"]),
+        ('select * from "q1" where u', None, ["unit"]),
+        ("select * from nowhere where l", None, ["layer", "limit"]),  # unknown table: every column
+    ],
+)
+def test_sql_completes_the_named_tables_own_columns(text, cursor, expected):
+    got = complete(text, len(text) if cursor is None else cursor, scalars=SCALARS, table_columns=TABLE_COLUMNS)
+    assert [w for w in got if w not in SQL_WORDS or w in expected] == expected
+
+
+FILES = ["data/", "data/ioi.tql", "data/pairs.csv", "notes.txt"]
+
+
+def meta_at_end(text: str) -> list[str]:
+    return complete(text, len(text), table_columns=TABLE_COLUMNS, meta=REGISTRY,
+                    files=lambda prefix: [f for f in FILES if f.startswith(prefix)])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (".ta", [".tables"]),
+        (".o", [".once", ".output"]),  # the alias .o is the word itself
+        ("\\", ["\\?", "\\d", "\\dt", "\\i", "\\o", "\\q", "\\x"]),
+        ("he", ["help"]),
+        (".schema ", ["prompts", "q1", "tokens"]),
+        (".schema q", ["q1"]),
+        ("\\d t", ["tokens"]),
+        (".read ", FILES),
+        (".read data/", ["data/ioi.tql", "data/pairs.csv"]),
+        ("\\i n", ["notes.txt"]),
+        (".read 'data/i", ["'data/ioi.tql"]),
+        (".output data/p", ["data/pairs.csv"]),
+        (".mode ", ["table", "line", "csv", "json", "jsonl", "markdown", "parquet"]),
+        (".mode j", ["json", "jsonl"]),
+        (".timer ", ["on", "off"]),
+        ("\\x ", ["on", "off", "auto"]),
+        (".help pl", ["plot"]),
+        (".help .pl", [".plot"]),
+        (".plot ", ["prompts", "q1", "tokens", "--kind", "--value", "--to"]),
+        (".plot q1 ", ["--kind", "--value", "--to"]),
+        (".plot q1 --kind ", ["lens", "heads", "attention", "patching", "layers", "routes", "bars"]),
+        (".plot q1 --value ", ["layer", "unit", "act"]),
+        (".plot q1 --to ", FILES),
+        (".plot q1 --kind bars --to n", ["notes.txt"]),
+        (".tables ", []),
+        ("select 1;\n.sch", [".schema"]),
+        ("  .ti", [".timer"]),
+    ],
+)
+def test_meta_command_completions(text, expected):
+    assert meta_at_end(text) == expected
+
+
+def test_a_dot_inside_sql_is_not_a_meta_command():
+    assert not any(word.startswith(".") for word in meta_at_end("select *\n  ."))
+    assert meta_at_end("select '\n.ta") == []  # inside a string
 
 
 def test_statement_start_offers_tdbql_and_sql_keywords():

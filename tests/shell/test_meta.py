@@ -6,7 +6,15 @@ import pytest
 from tdbql.query.catalog import SCALAR_NAMES as SCALARS
 from tdbql.query.context import PromptRow
 from tdbql.query.errors import TdbqlError
-from tdbql.shell.meta import REGISTRY, ShellState, emit, is_meta, run_meta, run_script, script_parts
+from tdbql.shell.meta import (
+    REGISTRY,
+    ShellState,
+    emit,
+    is_meta,
+    run_meta,
+    run_script,
+    script_parts,
+)
 from tdbql.shell.session import Session
 from tdbql.shell.text import render_error
 
@@ -96,9 +104,15 @@ def test_output_redirects_and_resets(state, tmp_path):
     path = tmp_path / "out.txt"
     path.write_text("old")
     assert run_meta(state, f".output {path}") == f"output: {path}"
-    assert state.output == path and path.read_text() == ""
+    assert state.output.path == path and state.output.format is None and path.read_text() == ""
     run_meta(state, ".output")
     assert state.output is None
+    run_meta(state, f".output {tmp_path / 'x.JSONL'}")
+    assert state.output.format == "jsonl"
+    assert run_meta(state, f".once {tmp_path / 'y.parquet'}") == f"next result: {tmp_path / 'y.parquet'}"
+    assert state.once.format == "parquet"
+    with pytest.raises(TdbqlError, match="usage: .once FILE"):
+        run_meta(state, ".once")
 
 
 def test_models_before_and_after_loading(state):
@@ -129,9 +143,10 @@ def test_plot_draws_each_kind(state, tmp_path):
     for table, kind in (("pattern", "attention"), ("grid", "layers"), ("grid", "bars")):
         out = tmp_path / f"{table}_{kind}.png"
         message = run_meta(state, f".plot {table} --kind {kind} --to {out}")
-        assert message == f"wrote {out} ({kind})"
+        assert message.startswith(f"wrote {out} ({kind}: ")
         assert out.read_bytes()[:8] == PNG_MAGIC
-    assert "(attention)" in run_meta(state, f".plot pattern --to {tmp_path / 'auto.png'}")
+    assert "(attention: " in run_meta(state, f".plot pattern --to {tmp_path / 'auto.png'}")
+    assert "(layers: " in run_meta(state, f".plot grid --to {tmp_path / 'auto.png'}")
     with pytest.raises(TdbqlError, match="no column"):
         run_meta(state, f".plot grid --value nope --to {tmp_path / 'x.png'}")
     with pytest.raises(TdbqlError, match="no table"):
@@ -173,7 +188,15 @@ def test_read_runs_a_file_and_keeps_output_before_an_error(state, tmp_path):
         ("select 1;", [(False, 1, "select 1;")]),
         (".mode csv\nselect 1;", [(True, 1, ".mode csv"), (False, 1, "select 1;")]),
         ("topk 3 act\n  .param layer 2   -- the layer\ntopk 3 act where layer = $layer",
-         [(False, 1, "topk 3 act"), (True, 2, ".param layer 2"), (False, 2, "-- the layer\ntopk 3 act where layer = $layer")]),
+         [(False, 1, "topk 3 act"), (True, 2, ".param layer 2"), (False, 2, "topk 3 act where layer = $layer")]),
+        # `--word` on a meta-command line is an option; `-- ` starts a comment; `;` ends the command
+        (".plot t --to x.png --kind bars -- a comment; not read\nselect 1;",
+         [(True, 1, ".plot t --to x.png --kind bars"), (False, 1, "select 1;")]),
+        (".plot t --to 'a b.png'; select 2;\n.tables --\n\\dt\nhelp\n  \\x auto",
+         [(True, 1, ".plot t --to 'a b.png'"), (False, 1, "select 2;"), (True, 2, ".tables"), (True, 3, "\\dt"),
+          (True, 4, "help"), (True, 5, "\\x auto")]),
+        (".mode csv --no-such-option\ntopk 3 act -- not a meta line",
+         [(True, 1, ".mode csv --no-such-option"), (False, 1, "topk 3 act -- not a meta line")]),
         # a line starting with '.' inside a SQL statement or string is not a meta-command
         ("select 1\n.5 as x;\nselect '\n.tables';", [(False, 1, "select 1\n.5 as x;\nselect '\n.tables';")]),
         ("-- a comment\n.tables\n\n.quit", [(True, 2, ".tables"), (True, 4, ".quit")]),
@@ -205,7 +228,7 @@ def test_script_runs_meta_lines_in_order_with_params(state, tmp_path, capsys):
 
 def test_script_stops_at_quit(state):
     shown = list(run_script(state, "select 1 as a;\n.quit\nselect * from nowhere;"))
-    assert state.quit and len(shown) == 2
+    assert state.quit and len(shown) == 1 and "nowhere" not in shown[0]
 
 
 def test_bad_meta_line_in_a_script_names_file_line_and_column(state):
@@ -221,28 +244,53 @@ def test_param_used_before_it_is_set_is_an_error(state):
         list(run_script(state, "select $n;\n.param n 1"))
 
 
-def test_emit_pages_long_output_and_writes_output_files(monkeypatch, tmp_path, capsys):
-    from types import SimpleNamespace
+def test_psql_aliases_and_help_are_meta_commands(state_with_prompts):
+    state = state_with_prompts
+    assert is_meta("\\dt") and is_meta("help") and is_meta("HELP plot") and not is_meta("helper")
+    assert run_meta(state, "\\dt") == run_meta(state, ".tables")
+    assert run_meta(state, "\\d prompts") == run_meta(state, ".schema prompts")
+    assert run_meta(state, "help") == run_meta(state, "\\?") == run_meta(state, ".help")
+    assert run_meta(state, "help plot").startswith(".plot [TABLE] [--kind K] [--value COL] [--to FILE]")
+    assert "(also \\dt)" in run_meta(state, ".help .tables")
+    with pytest.raises(TdbqlError, match="no command 'nope'"):
+        run_meta(state, ".help nope")
 
-    import tdbql.shell.meta as meta
-    from tdbql.shell.meta import ShellState
 
-    paged = []
-    monkeypatch.setattr(meta.pydoc, "pager", paged.append)
-    monkeypatch.setattr(meta.shutil, "get_terminal_size", lambda fallback=None: SimpleNamespace(lines=10, columns=40))
-    monkeypatch.setattr(meta.sys.stdout, "isatty", lambda: True)
-    state = ShellState(session=None)
-    long_text = "\n".join(str(i) for i in range(30))
-    wide_text = "x" * 50
-    meta.emit(state, long_text)
-    meta.emit(state, wide_text)
-    meta.emit(state, "short")
-    assert paged == [long_text, wide_text]
-    assert capsys.readouterr().out == "short\n"
-    state.pager = False
-    meta.emit(state, long_text)
-    assert len(paged) == 2
-    state.output = tmp_path / "out.txt"
-    meta.emit(state, "to file")
-    meta.emit(state, "again")
-    assert state.output.read_text() == "to file\nagain\n"
+def test_expanded_toggles_and_takes_auto(state):
+    assert run_meta(state, "\\x") == "expanded on"
+    assert run_meta(state, "\\x") == "expanded off"
+    assert run_meta(state, ".expanded auto") == "expanded auto" and state.expanded == "auto"
+    [shown] = run_script(state, "select 1 as a, 2 as b;")
+    assert shown.startswith("a  b")  # it fits: no expansion
+    state.width = 8
+    [shown] = run_script(state, "select 1 as a, 2 as bbbbbbbbbbbbbbbbbb;")
+    assert shown.startswith("-[ row 1 ]")
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "1000000001", "0", "-3", "1e3", "٣"])
+def test_maxrows_is_a_range_checked_integer(state, value):
+    with pytest.raises(TdbqlError, match="from 1 to 1000000000"):
+        run_meta(state, f".maxrows {value}")
+    assert run_meta(state, ".maxrows 1000000000") == "maxrows 1000000000"
+
+
+def test_parameters_fill_meta_arguments_but_not_param_names(state, tmp_path):
+    state.session.params.update({"out": str(tmp_path / "p.csv"), "layer": "2"})
+    run_meta(state, ".output $out")
+    assert state.output.path == tmp_path / "p.csv" and state.output.format == "csv"
+    run_meta(state, ".param layer")  # unsets $layer: the name is not filled in
+    assert "layer" not in state.session.params
+    with pytest.raises(TdbqlError) as info:
+        list(run_script(state, "select 1;\n.mode $nope", "job.tql"))
+    assert render_error(info.value).startswith("job.tql:2:7: undefined parameter $nope")
+
+
+def test_read_streams_its_output_and_names_its_own_lines(state, tmp_path):
+    (tmp_path / "inner.tql").write_text("select 1 as a;\n.mode bogus\n")
+    (tmp_path / "outer.tql").write_text(f"select 0 as z;\n.read {tmp_path / 'inner.tql'}\nselect 2;\n")
+    shown = []
+    with pytest.raises(TdbqlError) as info:
+        for item in run_script(state, (tmp_path / "outer.tql").read_text(), str(tmp_path / "outer.tql")):
+            shown.append(item)
+    assert [s.splitlines()[0] for s in shown] == ["z", "a"]
+    assert render_error(info.value).startswith(f"{tmp_path / 'inner.tql'}:2:1: unknown format 'bogus'")

@@ -11,11 +11,12 @@ from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from pygments.token import Comment, Keyword, Name, Number, String
 from tdbql.shell.lexer import TdbqlLexer
+from tdbql.shell.meta import REGISTRY
 from tdbql.shell.repl import (
     TdbqlCompleter,
     history_path,
-    is_complete_tdbql,
     last_significant_char,
+    open_parens,
     should_submit,
     toolbar_text,
 )
@@ -59,29 +60,34 @@ def test_repl_end_to_end(tdbql_bin, tiny_model_dir, cli_env, tmp_path):
     assert "+.tables\n" in history
 
 
-def cancel_a_long_query(child, tries: int = 3) -> bool:
-    """Start minutes of DuckDB work, then Ctrl-C. On a loaded machine the Ctrl-C can reach the
+def cancel_a_long_query(child, tries: int = 3) -> float | None:
+    """Start minutes of DuckDB work (a scan DuckDB checks for Python signals only between tasks),
+    then Ctrl-C; the seconds until "cancelled". On a loaded machine the Ctrl-C can reach the
     prompt before Enter was handled (that only clears the input), so try again a few times."""
     for _ in range(tries):
         child.send("select count(*) from range(100000000000) a;\r")
         time.sleep(2.0)
+        started = time.perf_counter()
         child.sendintr()
         if child.expect(["cancelled", pexpect.TIMEOUT], timeout=15) == 0:
-            return True
-    return False
+            return time.perf_counter() - started
+    return None
 
 
-def test_ctrl_c_cancels_input_and_ctrl_d_quits(tdbql_bin, cli_env):
+def test_ctrl_c_cancels_input_and_sql_and_ctrl_d_quits(tdbql_bin, cli_env):
     child = spawn(tdbql_bin, ["--model", "unused"], cli_env)
     try:
         child.send("select 1 as half_typed")
         child.sendintr()
         child.expect("tdbql>")
-        assert cancel_a_long_query(child), "Ctrl-C never cancelled a running query"
-        child.expect("tdbql>")
-        child.send("select 2 as two;\r")
-        child.expect(r"two.*\(1 row\)")
-        child.expect("tdbql>")
+        for _ in range(2):  # twice: a cancelled statement leaves nothing behind for the next one
+            seconds = cancel_a_long_query(child)
+            assert seconds is not None, "Ctrl-C never cancelled a running query"
+            assert seconds < 2.5, f"cancelling took {seconds:.1f} s"
+            child.expect("tdbql>")
+            child.send("select 2 as two;\r")
+            child.expect(r"two.*\(1 row\)")
+            child.expect("tdbql>")
         child.sendeof()
         child.expect(pexpect.EOF)
     finally:
@@ -109,19 +115,45 @@ def test_bottom_toolbar_shows_the_session(tdbql_bin, tiny_model_dir, cli_env, tm
     [
         ("", True),
         (".tables", True),
+        ("\\dt", True),
+        ("  \\x auto", True),
+        ("help", True),
         ("quit", True),
         ("topk 5 act", True),
-        ("topk 5 act of", False),  # incomplete tdbql
+        # complete but wrong: a tdbql statement ends with its line, so Enter shows the error
+        ("topk 5 act of", True),
+        ("topk 10 act_tims_grad", True),
+        ("tpok 10 act", True),
+        ("of mpl", True),
+        ('prompt "open', True),  # a tdbql string cannot span lines
+        ("topk 5 act\nwhere layer = 1", True),
+        ("upvoted attn[$layer,0]@-1 topk 5", True),
+        ("topk 5 act where layer = $nope", True),  # an undefined parameter is an error to show
+        # unfinished: what a next line can finish
         ("select count(*) from q1", False),  # SQL waits for ';'
-        ("select count(*)\nfrom q1;", True),
         ("select ';' as x", False),
+        ("select 'it''s\n", False),  # an open SQL string
+        ("select 1 /* still", False),
+        ("prompts from (select text as prompt", False),  # an open parenthesis
+        ("topk 5 contribution(", False),
+        ("select count(*)\nfrom q1;", True),
         ("select 1; -- done", True),
-        ("topk 5 act\nwhere layer = 1", False),  # several lines need ';'
         ('prompt "a;b"', True),
+        ("select 1;\ntopk 10 act_tims_grad", True),
     ],
 )
 def test_enter_rule(text, submit):
-    assert should_submit(text, is_complete_tdbql) is submit
+    assert should_submit(text, {"layer": "1"}) is submit
+
+
+def test_parameters_are_filled_before_the_enter_rule():
+    assert should_submit("select $x", {"x": "1;"}) is True
+    assert should_submit("select $x", {"x": "1"}) is False
+
+
+def test_open_parens():
+    assert open_parens("prompts from (select '(' ") == 1
+    assert open_parens("f(a, (b))") == 0
 
 
 def test_last_significant_char():
@@ -131,13 +163,19 @@ def test_last_significant_char():
 
 
 def test_completer_replaces_the_partial_word():
-    completer = TdbqlCompleter(lambda: (("act", "act_times_grad", "grad"), ["q1", "queries"], ["layer"]))
-    doc = Document("topk 5 act_ti", cursor_position=13)
-    [completion] = list(completer.get_completions(doc, CompleteEvent(completion_requested=True)))
-    assert (completion.text, completion.start_position) == ("act_times_grad", -6)
-    doc = Document("select * from q", cursor_position=15)
-    texts = [c.text for c in completer.get_completions(doc, CompleteEvent(completion_requested=True))]
-    assert "q1" in texts and "queries" in texts
+    names = {"scalars": ("act", "act_times_grad", "grad"), "table_columns": {"q1": ["layer"], "queries": ["text"]},
+             "meta": REGISTRY, "files": lambda prefix: [p for p in ("data/ioi.tql", "data/x.csv") if p.startswith(prefix)]}
+    completer = TdbqlCompleter(lambda: names)
+
+    def completions(text: str) -> list[tuple[str, int]]:
+        doc = Document(text, cursor_position=len(text))
+        return [(c.text, c.start_position) for c in completer.get_completions(doc, CompleteEvent())]
+
+    assert completions("topk 5 act_ti") == [("act_times_grad", -6)]
+    assert {"q1", "queries"} <= {text for text, _ in completions("select * from q")}
+    assert completions(".read data/i") == [("data/ioi.tql", -len("data/i"))]
+    assert completions("\\d") == [("\\dt", -2)]  # the exact word is not offered again
+    assert completions(".sch") == [(".schema", -4)]
 
 
 def test_history_path_follows_xdg(monkeypatch, tmp_path):
