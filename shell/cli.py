@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if interactive:
             from .repl import run_repl
 
-            return run_repl(session, mode=args.format, debug=args.debug)
+            return run_repl(session, mode=args.format, debug=args.debug, output=args.output)
         return run_scripts(session, _scripts(args), args)
     finally:
         session.close()

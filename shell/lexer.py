@@ -24,7 +24,7 @@ SQL_WORDS = tuple(sorted({k.lower() for k in SQL_KEYWORDS} - set(DSL_WORDS) - se
 
 
 class TdbqlLexer(RegexLexer):
-    """tdbql statements, SQL, `--` comments, `.meta` commands and `$params`."""
+    """tdbql statements, SQL, `--` comments, meta-commands (`.tables`, `\\dt`, `help`) and `$params`."""
 
     name = "tdbql"
     aliases = ["tdbql", "tql"]
@@ -33,9 +33,9 @@ class TdbqlLexer(RegexLexer):
 
     tokens = {
         "root": [
-            (r"\s+", Whitespace),
+            (r"^[ \t]*\.[A-Za-z_]\w*|^[ \t]*\\[A-Za-z?]+|^[ \t]*help\b", Keyword.Pseudo),
+            (r"[ \t\r]*\n|[ \t\r]+", Whitespace),  # a newline ends a token, so the next line's `^` rules apply
             (r"--.*?$", Comment.Single),
-            (r"^\.[A-Za-z_]\w*", Keyword.Pseudo),
             (r"\$[A-Za-z_]\w*", Name.Variable),
             (r"'(''|[^'])*'", String.Single),
             (r'"(\\\\|\\"|[^"])*"', String.Double),

@@ -8,6 +8,7 @@ Each `draw_<kind>(table, context)` returns the Figure and a note saying what it 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +105,10 @@ def color_scale(data: np.ndarray) -> tuple[str, Normalize]:
     if low < 0 < high and min(-low, high) >= SIGN_FRACTION * max(-low, high):
         size = max(-low, high)
         return "RdBu_r", TwoSlopeNorm(vmin=-size, vcenter=0.0, vmax=size)
+    if low >= 0:  # one sign: the scale starts at 0, so a colour reads as a size
+        low = 0.0
+    elif high <= 0:
+        high = 0.0
     if low == high:
         low, high = low - 0.5, high + 0.5
     return ("viridis" if high >= -low else "viridis_r"), Normalize(vmin=low, vmax=high)
@@ -137,6 +142,19 @@ def grid(cells: dict[tuple, float], ys: list, xs: list) -> np.ndarray:
     return data
 
 
+def set_title(ax, title: str, note: str = "") -> None:
+    """The title, and the note under it, wrapped to the figure's width."""
+    chars = max(30, int(ax.figure.get_figwidth() * 11))
+    lines = textwrap.wrap(title, chars) + textwrap.wrap(note, chars)
+    ax.set_title("\n".join(lines), fontsize=9)
+
+
+def layer_range(layers) -> list:
+    """Every layer from the first to the last, so that a layer without rows shows as an empty row."""
+    known = [layer for layer in layers if layer is not None]
+    return list(range(min(known), max(known) + 1)) + ([None] if None in layers else []) if known else [None]
+
+
 def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(min(max(width, 4.5), 24), min(max(height, 3.0), 24)), layout="constrained")
 
@@ -155,7 +173,7 @@ def draw_lens(table: pa.Table, context: Context):
         key = (r["layer"], r["position"])
         if key not in best or (r.get("rank") or math.inf) < (best[key].get("rank") or math.inf):
             best[key] = r
-    layers = sorted({k[0] for k in best}, key=sort_key)
+    layers = layer_range({k[0] for k in best})
     positions = sorted({k[1] for k in best}, key=sort_key)
     data = grid({k: r[context.value] for k, r in best.items()}, layers, positions)
     texts = [[token_label(best[(y, x)]["token"]) if (y, x) in best else "" for x in positions] for y in layers]
@@ -169,8 +187,7 @@ def draw_lens(table: pa.Table, context: Context):
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
     ax.set_xlabel("position (input token)")
     ax.set_ylabel("layer")
-    ax.set_title(f"{context.title}: top-1 token by layer and position" + (f", {prompt_note}" if prompt_note else ""),
-                 fontsize=9)
+    set_title(ax, f"{context.title}: top-1 token by layer and position", prompt_note)
     return figure, join_notes(prompt_note, f"top-1 token, colour {context.value}")
 
 
@@ -185,7 +202,7 @@ def draw_heads(table: pa.Table, context: Context):
             if value is None or (cells[key] is not None and abs(cells[key]) >= abs(value)):
                 continue
         cells[key] = value
-    layers = sorted({k[0] for k in cells}, key=sort_key)
+    layers = layer_range({k[0] for k in cells})
     heads = list(range(max(k[1] for k in cells) + 1))
     data = grid(cells, layers, heads)
     figure = new_figure(0.55 * len(heads) + 2.5, 0.42 * len(layers) + 2)
@@ -199,8 +216,7 @@ def draw_heads(table: pa.Table, context: Context):
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     repeat_note = "largest |value| of each head's rows" if repeated else ""
-    ax.set_title(f"{context.title}: {context.value} by layer and head" +
-                 (f", {prompt_note}" if prompt_note else ""), fontsize=9)
+    set_title(ax, f"{context.title}: {context.value} by layer and head", prompt_note)
     return figure, join_notes(prompt_note, f"colour {context.value}", repeat_note)
 
 
@@ -214,7 +230,9 @@ def draw_attention(table: pa.Table, context: Context):
     cut_note = f"first {MAX_PANELS} of {len(heads)} heads" if len(heads) > MAX_PANELS else ""
     queries = sorted({r["position"] for r in rows})
     prompt = rows[0].get("prompt_id")
-    title = f"{context.title}: attention ({context.value})" + (f", prompt {prompt}" if prompt is not None else "")
+    which = prompt_note or (f"prompt {prompt}" if prompt is not None else "")
+    title = f"{context.title}: attention ({context.value})" + (f", {which}" if which else "") + \
+        (f", {cut_note}" if cut_note else "")
     if len(queries) == 1:
         figure = _attention_one_query(by_head, shown, rows, context, title + f", query position {queries[0]}")
     else:
@@ -234,7 +252,7 @@ def _attention_one_query(by_head, heads, rows, context: Context, title: str) -> 
     ax.set_yticks(range(len(heads)), [f"L{layer}H{head}" for layer, head in heads], fontsize=7)
     ax.set_xlabel("key position")
     ax.set_ylabel("head")
-    ax.set_title(title, fontsize=9)
+    set_title(ax, title)
     return figure
 
 
@@ -280,7 +298,7 @@ def draw_position_grid(table: pa.Table, context: Context, *, token_key: str | No
         raise TdbqlError(f"nothing to plot: {context.value} is NULL in every row")
     repeated = max(counts.values()) > 1
     cells = {k: (s / counts[k] if how == "mean" else s) for k, s in sums.items()}
-    layers = sorted({k[0] for k in cells}, key=sort_key)
+    layers = layer_range({k[0] for k in cells})
     positions = sorted({k[1] for k in cells}, key=sort_key)
     data = grid(cells, layers, positions)
     figure = new_figure(0.5 * len(positions) + 3, 0.42 * len(layers) + 2)
@@ -293,8 +311,7 @@ def draw_position_grid(table: pa.Table, context: Context, *, token_key: str | No
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
     ax.set_xlabel("position (input token)")
     ax.set_ylabel("layer")
-    ax.set_title(f"{context.title}: {context.value} by layer and position" +
-                 (f", {prompt_note}" if prompt_note else ""), fontsize=9)
+    set_title(ax, f"{context.title}: {context.value} by layer and position", prompt_note)
     repeat_note = f"{how} of the rows in each cell" if repeated else ""
     return figure, join_notes(prompt_note, f"colour {context.value}", repeat_note)
 
@@ -313,7 +330,7 @@ def bars(rows: list[dict], context: Context, label: Callable[[dict], str], note:
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.6)
     ax.set_xlabel(context.value)
-    ax.set_title(f"{context.title}: {context.value}", fontsize=9)
+    set_title(ax, f"{context.title}: {context.value}")
     cut = f"first {MAX_BARS} of {len(rows)} rows" if len(rows) > MAX_BARS else f"{len(rows)} rows"
     return figure, join_notes(note, cut)
 

@@ -90,6 +90,7 @@ def test_attention_draws_one_panel_per_head_and_names_layer_head_and_prompt(sess
     assert [ax.get_title() for ax in panels] == [f"layer 1 head {h}, prompt 0" for h in range(4)]
     assert all((ax.get_xlabel(), ax.get_ylabel()) == ("key position", "query position") for ax in panels)
     assert "1 of 2 prompts" in picture.note and "4 heads" in picture.note
+    assert "prompt 0 (1 of 2 prompts" in picture.figure.get_suptitle()
     n = len(session.loaded.encode(CLEAN))
     assert panels[0].images[0].get_array().shape == (n, n)
 

@@ -201,6 +201,7 @@ def test_lexer_covers_dsl_sql_meta_and_params():
     sql = lexed("SELECT token FROM q1 WHERE text = 'a b'")
     assert sql["SELECT"] in Keyword and sql["FROM"] in Keyword and sql["'a b'"] in String
     assert lexed(".tables")[".tables"] in Keyword.Pseudo
+    assert lexed("\\dt")["\\dt"] in Keyword.Pseudo and lexed("help")["help"] in Keyword.Pseudo
     assert lexed('target " Mary" vs " John"')['" Mary"'] in String
 
 
