@@ -30,7 +30,7 @@ EXTENSION_FORMATS: dict[str, str] = {".csv": "csv", ".json": "json", ".jsonl": "
 DEFAULT_MAX_ROWS = 40
 MAX_ROWS_LIMIT = 1_000_000_000
 
-__all__ = ["FORMATS", "format_cell", "format_for_path", "format_table", "render_result", "write_parquet"]
+__all__ = ["FORMATS", "format_cell", "format_for_path", "format_table", "write_parquet"]
 
 
 def format_table(table: pa.Table, mode: str = "table", *, max_rows: int | None = DEFAULT_MAX_ROWS,
@@ -118,19 +118,6 @@ def _markdown(table: pa.Table) -> str:
 
 def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(_md_escape(c) for c in cells) + " |"
-
-
-def render_result(result, *, mode: str = "table", max_rows: int | None = DEFAULT_MAX_ROWS, timer: bool = False,
-                  width: int | None = None) -> str:
-    """What one `StatementResult` shows, as one text: its table, its message, its time."""
-    parts = []
-    if result.table is not None:
-        parts.append(format_table(result.table, mode, max_rows=max_rows, width=width))
-    if result.message:
-        parts.append(result.message)
-    if timer:
-        parts.append(f"Run Time: {result.elapsed_ms / 1000:.3f} s")
-    return "\n".join(parts)
 
 
 class ProgressBar:

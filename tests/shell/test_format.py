@@ -12,16 +12,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 from tdbql.query.errors import TdbqlError
-from tdbql.query.plan import Span
 from tdbql.shell.format import (
     FORMATS,
     ProgressBar,
     format_cell,
     format_for_path,
     format_table,
-    render_result,
 )
-from tdbql.shell.session import StatementResult
 
 
 def node_table(n: int = 5) -> pa.Table:
@@ -98,15 +95,6 @@ def test_unknown_format_is_rejected():
     assert set(FORMATS) == {"table", "line", "csv", "json", "jsonl", "markdown", "parquet"}
     with pytest.raises(TdbqlError, match="parquet is written to a file"):
         format_table(node_table(1), "parquet")
-
-
-def test_render_result_joins_table_message_and_timer():
-    span = Span(line=1, column=1, end_line=1, end_column=2, start_pos=0, end_pos=1)
-    result = StatementResult(statement=None, span=span, text="x", table=pa.table({"a": [1]}),
-                             message="tables: a", elapsed_ms=1234.0)
-    text = render_result(result, mode="csv", timer=True)
-    assert text == "a\n1\ntables: a\nRun Time: 1.234 s"
-    assert render_result(StatementResult(statement=None, span=span, text="x")) == ""
 
 
 def test_progress_bar_is_silent_when_disabled_or_single_batch(capsys):

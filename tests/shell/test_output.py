@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import tdbql.shell.output as output
 from tdbql.query.errors import TdbqlError
-from tdbql.shell.output import ShellState, Shown, emit, open_sink
+from tdbql.query.plan import Span
+from tdbql.shell.output import ShellState, Shown, emit, open_sink, shown_for
+from tdbql.shell.session import StatementResult
 
 TABLE = pa.table({"a": [1, 2], "b": ["x", "y"]})
 
@@ -109,3 +111,15 @@ def test_parquet_needs_a_file(capsys):
 def test_an_unwritable_output_file_is_an_error(tmp_path):
     with pytest.raises(TdbqlError, match="cannot write"):
         open_sink(tmp_path / "no" / "such" / "dir.csv")
+
+
+def test_a_result_shows_its_table_as_data_and_its_message_as_status():
+    span = Span(line=1, column=1, end_line=1, end_column=2, start_pos=0, end_pos=1)
+    result = StatementResult(statement=None, span=span, text="topk 1 act", table=TABLE, message="tables: a",
+                             elapsed_ms=1234.0)
+    shown = shown_for(result, timer=True)
+    assert (shown.table, shown.data, shown.status) == (TABLE, "", "tables: a\nRun Time: 1.234 s")
+    assert ShellState(session=None, mode="csv").text(shown) == "a,b\n1,x\n2,y\ntables: a\nRun Time: 1.234 s"
+    plan = StatementResult(statement=None, span=span, text="explain topk 1 act", message="plan: ...")
+    assert shown_for(plan, timer=False) == Shown(data="plan: ...")
+    assert not shown_for(StatementResult(statement=None, span=span, text="x"), timer=False).has_data
