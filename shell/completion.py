@@ -24,6 +24,7 @@ from ..grammar.split import (
     split_statements,
 )
 from ..query import catalog
+from ..query.bind_steer import STEER_SITES
 from ..query.catalog import SCALAR_NAMES
 from ..query.errors import TdbqlError
 from .plot import PLOT_KINDS
@@ -40,13 +41,14 @@ SQL_WORDS: tuple[str, ...] = (
 # Clause keywords may appear once per query (a second one is an error), except these.
 _REPEATABLE = frozenset({"and", "vs", "in", "between", "mean", "token", "prompts"})
 _QUERY_HEADS = frozenset({"topk", "bottomk", "select"})
-# the node kinds each clause takes (query/checks.py, query/bind.py); LOCATION: resid.pre & co.
+# the node kinds each clause takes (query/checks.py, query/bind.py, query/bind_steer.py); LOCATION: resid.pre & co.
 _ABLATABLE = tuple(k for k, index in catalog.NODE_REFS.items() if index != "none")
 _NODE_KINDS: dict[str, tuple[tuple[str, ...], bool]] = {
     "ablate": (_ABLATABLE, False),
     "trace": (_ABLATABLE, False),
     "upvoted": (tuple(k for k in catalog.NODE_REFS if "." not in k and k not in catalog.RESIDUALS), False),
     "patch": (tuple(k for k in catalog.NODE_REFS if "." not in k and k != "block"), True),
+    "steer": (tuple(k for k in STEER_SITES if "." not in k), True),
 }
 _PLOT_OPTIONS = ("--kind", "--value", "--to")
 FileLister = Callable[[str], Iterable[str]]

@@ -46,6 +46,8 @@ def at_end(text: str, **names) -> list[str]:
         ("topk 5 act patch ", ["mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae", "resid", "resid.pre",
                                "resid.mid", "resid.post"]),
         ("upvoted ", ["mlp", "attn", "sae", "mlp_sae", "attn_sae", "resid_sae", "block"]),
+        # steer takes residual-width sites only (query/bind_steer.py)
+        ("logits steer ", ["mlp", "attn", "resid", "resid.pre", "resid.mid", "resid.post"]),
         # where: the query kind's fields and the query's own scalars, not every scalar
         ("topk 5 act where ", ["layer", "token", "attended", "head", "unit", "prompt", "component", "act"]),
         ("topk 5 act, grad where layer = 1 and ", ["layer", "token", "attended", "head", "unit", "prompt",
