@@ -53,6 +53,8 @@ def test_tutorial_runs(model_name, tdbql_bin, cli_env, tmp_path, monkeypatch):
         elif lang == "sh":
             shell_runs += [line for line in body.splitlines() if line.startswith("tdbql ")]
     check_tables(session)
+    if model_name == "default":
+        check_name_orders(session)
     check_interventions(session, shown)
     for picture in ("last_attention.png", "heads_mean.png", "recovery.png"):
         assert (tmp_path / picture).stat().st_size > 0
@@ -97,11 +99,14 @@ def check_tables(session: Session) -> None:
     assert sql(session, "SELECT count(*) FROM ablated") == [(20,)]
     assert sql(session, "SELECT count(*) FROM heads_mean") == [(min(8, info.n_layers * info.n_heads),)]
     assert sql(session, "SELECT count(DISTINCT prompt_id), max(rank) FROM per_prompt") == [(4, 2)]
+    for table in ("without_1_0", "without_3_0", "without_3_1"):
+        assert sql(session, f"SELECT count(*), bool_and(metric_corrupt IS NULL) FROM {table}") == [(4, True)]
     names = sql(session, "SELECT table_name FROM queries ORDER BY query_id")
     against = [r[0] for r in sql(session, "SELECT direct_effect FROM against ORDER BY rank")]
     assert len(against) == 3 and against == sorted(against) and against[0] <= effects[-1]
     assert [n[0] for n in names] == ["before", "heads", "last_attention", "against", "neurons", "promoted", "before20",
-                                     "ablated", "heads_mean", "per_prompt", "pair_metric", "resid_patching",
+                                     "ablated", "heads_mean", "per_prompt", "where_heads_look", "without_1_0",
+                                     "without_3_0", "without_3_1", "pair_metric", "resid_patching",
                                      "head_patching", "two_heads", "first_name", "checked", "checked_patch",
                                      "said", "said_without_movers", "toward_mary", "said_mary",
                                      "route_nodes,route_edges"]
@@ -114,6 +119,24 @@ def check_tables(session: Session) -> None:
             UNION ALL SELECT weight FROM route_edges WHERE kind <> 'attn')""")
     assert weakest > 0.04
     assert sql(session, "SELECT bool_and(src_position <= dst_position) FROM route_edges") == [(True,)]
+
+
+def check_name_orders(session: Session) -> None:
+    """Section 6's claims about the embedded model: heads 1.0 and 3.0 copy a position, heads 3.1 and
+    3.3 read the repeated name in both orders, and switching each off hurts the order it serves."""
+    looked = dict(((layer, head), positions) for layer, head, positions in sql(session, """
+        SELECT layer, unit, list(attended ORDER BY prompt_id) FROM (
+            SELECT prompt_id, layer, unit, arg_max(attended, act) AS attended FROM where_heads_look GROUP BY ALL)
+        GROUP BY ALL"""))
+    assert looked[(1, 0)] == [1] * 4 and looked[(3, 0)] == [3] * 4
+    assert looked[(3, 1)] == looked[(3, 3)] == [9] * 4
+    drop = {table: [clean - ablated for clean, ablated in sql(
+        session, f"SELECT metric_clean, metric FROM {table} ORDER BY prompt_id")]
+        for table in ("without_1_0", "without_3_0", "without_3_1")}
+    abba, baba = slice(0, 2), slice(2, 4)
+    assert min(drop["without_1_0"][abba]) > 10 and max(drop["without_1_0"][baba]) < 5
+    assert min(drop["without_3_0"][baba]) > 10 and max(drop["without_3_0"][abba]) < 5
+    assert min(drop["without_3_1"]) > 8
 
 
 PATCHING_COLUMNS = ["prompt_id", "layer", "component", "unit", "position", "token", "metric_clean", "metric_corrupt",
