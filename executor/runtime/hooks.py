@@ -21,18 +21,22 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     "resid.embed": ("batch", "token", "d_model"),  # token (+ position) embedding; block 0 input
     "resid.pre": ("batch", "token", "d_model"),  # input of block L
     "ln1.scale": ("batch", "token", "one"),  # σ (LayerNorm) or rms (RMSNorm) before attention
+    "q_norm.scale": ("batch", "token", "head", "one"),  # q/k norm (Qwen3, Gemma 3: per head; OLMo 2:
+    "k_norm.scale": ("batch", "token", "kv_head", "one"),  # over all heads, repeated per head)
     "attn.q": ("batch", "token", "head", "d_head"),  # after rotary
     "attn.k": ("batch", "token", "kv_head", "d_head"),  # after rotary
     "attn.v": ("batch", "token", "kv_head", "d_head"),
-    "attn.logits": ("batch", "head", "token", "key"),  # scaled by 1/sqrt(d_head); masked = -inf
+    "attn.logits": ("batch", "head", "token", "key"),  # what the softmax reads: scaled, soft-capped, masked
     "attn.probs": ("batch", "head", "token", "key"),
     "attn.z": ("batch", "token", "head", "d_head"),  # sum_u A[t,u] v[u], per head
-    "attn.out": ("batch", "token", "d_model"),  # attention's write to the residual (with bias)
+    "ln1_post.scale": ("batch", "token", "one"),  # the norm of attention's output (post-norm families)
+    "attn.out": ("batch", "token", "d_model"),  # attention's write to the residual (with bias; after ln1_post)
     "resid.mid": ("batch", "token", "d_model"),  # resid.pre + attn.out
     "ln2.scale": ("batch", "token", "one"),
     "mlp.pre": ("batch", "token", "d_mlp"),  # pre-activation (the gate branch for GLU MLPs)
     "mlp.post": ("batch", "token", "d_mlp"),  # what W_out reads (act(gate) * up for GLU)
-    "mlp.out": ("batch", "token", "d_model"),  # MLP's write to the residual (with bias)
+    "ln2_post.scale": ("batch", "token", "one"),  # the norm of the MLP's output (post-norm families)
+    "mlp.out": ("batch", "token", "d_model"),  # MLP's write to the residual (with bias; after ln2_post)
     "resid.post": ("batch", "token", "d_model"),  # output of block L
     "ln_f.scale": ("batch", "token", "one"),
     "logits": ("batch", "token", "vocab"),

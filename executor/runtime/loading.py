@@ -24,11 +24,18 @@ GPT-NeoX
     layers.L.attention.query_key_value (head, [q|k|v], d_head) interleaved -> blocks.L.attn.q / k / v
     layers.L.attention.dense -> blocks.L.attn.o
     layers.L.mlp.dense_h_to_4h / dense_4h_to_h -> blocks.L.mlp.fc_in / fc_out
-Llama, Mistral, Qwen2
+Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3, OLMo 2 (hf_format.py: _BLOCKS)
     embed_tokens -> embed, norm -> ln_f, lm_head -> unembed (tied to embed_tokens if configured)
     layers.L.input_layernorm / post_attention_layernorm -> blocks.L.ln1 / ln2
     layers.L.self_attn.q_proj / k_proj / v_proj / o_proj -> blocks.L.attn.q / k / v / o
+    layers.L.self_attn.q_norm / k_norm -> blocks.L.attn.q_norm / k_norm (Qwen3, Gemma 3, OLMo 2)
     layers.L.mlp.gate_proj / up_proj / down_proj -> blocks.L.mlp.fc_in / fc_up / fc_out
+    Phi-3: layers.L.self_attn.qkv_proj rows [q | k | v] -> attn.q / k / v; mlp.gate_up_proj rows
+    [gate | up] -> mlp.fc_in / fc_up
+    Gemma: post_attention_layernorm -> ln1_post, pre_feedforward_layernorm -> ln2,
+    post_feedforward_layernorm -> ln2_post; OLMo 2: the same two post-norms and no pre-norms;
+    Gemma 3 image-text checkpoints: model.language_model.* is the text model, the vision tower
+    and projector are skipped
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from ...query.catalog import DTYPES, REGISTRY_NAMES
 from ...query.context import ModelInfo
 from ...query.errors import TdbqlError
 from .autoencoder import Autoencoder, load_autoencoders
-from .hf_format import config_from_hf, map_weights
+from .hf_format import config_from_hf, map_weights, skipped_weight
 from .model import ModelConfig, Transformer
 
 DEFAULT_MODEL_DIR = Path(__file__).parents[1] / "default_model"
@@ -341,7 +348,8 @@ def check_layers(cfg: ModelConfig, files: list[Path]) -> None:
     layers = set()
     for path in files:
         with _open(path) as f:
-            layers.update(int(m.group(1)) for key in f.keys() if (m := LAYER_KEY.search(key)))
+            layers.update(int(m.group(1)) for key in f.keys()
+                          if not skipped_weight(cfg, key) and (m := LAYER_KEY.search(key)))
     if layers and (max(layers) + 1 != cfg.n_layers or len(layers) != cfg.n_layers):
         raise TdbqlError(f"{files[0].parent / 'config.json'} says {cfg.n_layers} layers but the weights hold "
                          f"{len(layers)} (layers {min(layers)}..{max(layers)})")

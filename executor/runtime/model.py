@@ -1,27 +1,17 @@
 """One transformer, hooked at every activation location (see executor/runtime/hooks.py).
 
-GPT-2, GPT-NeoX/Pythia and the Llama family (Llama, Mistral, Qwen2) are the same network with
-different switches in `ModelConfig`:
-
-| switch              | GPT-2        | GPT-NeoX          | Llama / Mistral / Qwen2      |
-|---------------------|--------------|-------------------|------------------------------|
-| norm                | layernorm    | layernorm         | rmsnorm                      |
-| positions           | learned      | rotary (partial)  | rotary (rope_theta, scaling) |
-| gated_mlp (SwiGLU)  | no           | no                | yes                          |
-| parallel_residual   | no           | config            | no                           |
-| n_kv_heads          | = n_heads    | = n_heads         | grouped-query                |
-| biases              | everywhere   | everywhere        | none (Qwen2: q, k, v)        |
+Every family is this network with different switches in `ModelConfig` (config.py holds the
+table); attention and the norms are in attention.py.
 
 The model calls `hooks(location, layer, x)` at each location and continues with what comes back.
-Layer norms compute their scale (σ for LayerNorm, rms for RMSNorm) as an explicit tensor (float32
-for half-precision models, else the model's dtype)
-of shape (batch, token, 1) and pass it through the `ln1.scale` / `ln2.scale` / `ln_f.scale` hook
-before dividing by it, so a hook returning `scale.detach()` freezes the scale in the backward pass.
+Norm scales are hookable tensors (attention.py), so a hook returning `scale.detach()` freezes one.
 
-Attention is computed eagerly (explicit logits and probabilities) for a layer that has a hook at
-`attn.logits` or `attn.probs`, and with fused `scaled_dot_product_attention` otherwise; pass
-`attn_impl="eager"` or `"sdpa"` to a forward call to force one. Where the fused kernel cannot run
-(forward-mode AD, i.e. a JVP) the layer falls back to eager by itself.
+Post-norm families (Gemma 2/3, OLMo 2) normalise each sublayer's output before adding it to the
+residual: `attn.out` and `mlp.out` are the writes to the residual, after that norm; `W_O` and
+`W_out` are read with the post-norm's weight folded in, so a head's or neuron's write at token t
+is (z W_O[h]) / s[t] or a W_out[n] / s[t] with s the post-norm's scale there (`ln1_post.scale`,
+`ln2_post.scale`; `write_scale_location` names it). Gemma's final logits are soft-capped
+(`cap_logits`), and its token embeddings scaled by sqrt(d_model) (resid.embed is after that).
 
 Batches are right-padded: real tokens first, `attention_mask[b, t]` True on real tokens,
 positions 0..T-1 for every row. Weights never take gradients (requires_grad=False).
@@ -29,8 +19,6 @@ positions 0..T-1 for every row. Weights never take gradients (requires_grad=Fals
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -39,136 +27,18 @@ from torch import nn
 
 from ...query.catalog import SAE_SITES, TL_BLOCK_HOOKS, TL_GLOBAL_HOOKS
 from ...query.errors import TdbqlError, nearest
+from .attention import Attention, KVCache, Norm, attention_mask_4d, upcast
+from .config import ACTIVATIONS, ModelConfig
 from .hooks import GLOBAL_LOCATIONS, LOCATIONS, NO_HOOKS, HookSet
-from .rotary import apply_rotary, rotary_cos_sin
+from .rotary import rotary_cos_sin
 
 if TYPE_CHECKING:
     from .autoencoder import Autoencoder
 
+__all__ = ["ACTIVATIONS", "KVCache", "ModelConfig", "Norm", "Transformer", "attention_mask_4d", "hook_alias",
+           "upcast"]
+
 AttnImpl = Literal["auto", "eager", "sdpa"]
-ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish")
-
-
-@dataclass
-class ModelConfig:
-    arch: str  # "gpt2" | "gpt_neox" | "llama" | "mistral" | "qwen2"
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_head: int
-    d_mlp: int
-    n_ctx: int
-    n_kv_heads: int | None = None  # None: = n_heads
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = 1e-5
-    act: str = "gelu_new"  # gelu_new | gelu | relu | silu
-    gated_mlp: bool = False  # SwiGLU: down(act(gate(x)) * up(x))
-    positions: Literal["learned", "rotary"] = "learned"
-    rotary_dim: int = 0  # leading dims of each head that rotate (partial rotary)
-    rope_theta: float = 10000.0
-    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": "linear"|"llama3", ...}
-    parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x)
-    qkv_bias: bool = True
-    attn_out_bias: bool = True
-    mlp_bias: bool = True
-    tied_embeddings: bool = False
-    sliding_window: int | None = None  # key u visible from query t iff t - u < window
-
-    def __post_init__(self) -> None:
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"activation {self.act!r} is not supported ({', '.join(ACTIVATIONS)})")
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-
-
-# --- layer norm -------------------------------------------------------------------------------
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32 for reductions (norms, softmax); fp32/fp64 unchanged."""
-    return x.float() if x.element_size() < 4 else x
-
-
-class Norm(nn.Module):
-    """LayerNorm or RMSNorm with the scale as an explicit, hookable tensor."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.rms = cfg.norm == "rmsnorm"
-        self.eps = cfg.norm_eps
-        self.weight = nn.Parameter(torch.ones(cfg.d_model))
-        self.bias = None if self.rms else nn.Parameter(torch.zeros(cfg.d_model))
-
-    def forward(self, x: torch.Tensor, hooks: HookSet, location: str, layer: int | None) -> torch.Tensor:
-        xf = upcast(x)  # (batch, token, d_model)
-        centred = xf if self.rms else xf - xf.mean(-1, keepdim=True)
-        scale = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)  # (batch, token, 1)
-        scale = hooks(location, layer, scale)
-        out = (centred / scale).to(x.dtype) * self.weight
-        return out if self.bias is None else out + self.bias
-
-
-# --- attention ----------------------------------------------------------------------------------
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        n_h, n_kv, d_h = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-        self.q = nn.Linear(cfg.d_model, n_h * d_h, bias=cfg.qkv_bias)
-        self.k = nn.Linear(cfg.d_model, n_kv * d_h, bias=cfg.qkv_bias)
-        self.v = nn.Linear(cfg.d_model, n_kv * d_h, bias=cfg.qkv_bias)
-        self.o = nn.Linear(n_h * d_h, cfg.d_model, bias=cfg.attn_out_bias)
-
-    def forward(self, h: torch.Tensor, ctx: _ForwardContext, layer: int) -> torch.Tensor:
-        cfg, hooks = self.cfg, ctx.hooks
-        B, T, _ = h.shape
-        q = self.q(h).view(B, T, cfg.n_heads, cfg.d_head)
-        k = self.k(h).view(B, T, cfg.n_kv_heads, cfg.d_head)
-        v = self.v(h).view(B, T, cfg.n_kv_heads, cfg.d_head)
-        if ctx.rotary is not None:
-            q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
-        q = hooks("attn.q", layer, q)  # (batch, token, head, d_head)
-        k = hooks("attn.k", layer, k)  # (batch, token, kv_head, d_head)
-        v = hooks("attn.v", layer, v)
-        if ctx.cache is not None:  # keys and values of the earlier positions, then these
-            k, v = ctx.cache.extend(layer, k, v)
-        if ctx.eager(layer):
-            z = self._eager(q, k, v, ctx, layer)
-        else:
-            try:
-                z = self._fused(q, k, v, ctx)
-            except NotImplementedError:  # e.g. forward-mode AD (JVP): fused kernels lack it
-                z = self._eager(q, k, v, ctx, layer)
-        z = hooks("attn.z", layer, z)  # (batch, token, head, d_head)
-        return self.o(z.reshape(B, T, cfg.n_heads * cfg.d_head))
-
-    def _eager(self, q, k, v, ctx: _ForwardContext, layer: int) -> torch.Tensor:
-        group = self.cfg.n_heads // self.cfg.n_kv_heads
-        k = k.repeat_interleave(group, dim=2)  # (batch, key, head, d_head)
-        v = v.repeat_interleave(group, dim=2)
-        logits = torch.einsum("bthd,buhd->bhtu", q, k) / math.sqrt(self.cfg.d_head)
-        logits = logits.masked_fill(~ctx.mask, float("-inf"))
-        logits = ctx.hooks("attn.logits", layer, logits)  # (batch, head, token, key)
-        probs = torch.softmax(upcast(logits), dim=-1).to(q.dtype)
-        probs = ctx.hooks("attn.probs", layer, probs)
-        return torch.einsum("bhtu,buhd->bthd", probs, v)
-
-    def _fused(self, q, k, v, ctx: _ForwardContext) -> torch.Tensor:
-        z = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # (batch, head, token, d_head)
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=None if ctx.plain_causal else ctx.mask,
-            is_causal=ctx.plain_causal,
-            scale=1 / math.sqrt(self.cfg.d_head),
-            enable_gqa=self.cfg.n_kv_heads != self.cfg.n_heads,
-        )
-        return z.transpose(1, 2)  # (batch, token, head, d_head)
 
 
 # --- MLP ------------------------------------------------------------------------------------------
@@ -213,20 +83,24 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.parallel = cfg.parallel_residual
-        self.ln1 = Norm(cfg)
+        self.ln1 = Norm(cfg) if cfg.pre_norms else None
         self.attn = Attention(cfg)
-        self.ln2 = Norm(cfg)
+        self.ln1_post = Norm(cfg) if cfg.post_norms else None
+        self.ln2 = Norm(cfg) if cfg.pre_norms else None
         self.mlp = MLP(cfg)
+        self.ln2_post = Norm(cfg) if cfg.post_norms else None
         self.saes: dict[str, Autoencoder] = {}  # site -> autoencoder (not a submodule: no state)
 
     def forward(self, x: torch.Tensor, ctx: _ForwardContext) -> torch.Tensor:
         hooks, layer = ctx.hooks, self.layer
         x = hooks("resid.pre", layer, x)  # (batch, token, d_model)
-        attn_out = hooks("attn.out", layer, self.attn(self.ln1(x, hooks, "ln1.scale", layer), ctx, layer))
+        attn_out = self.attn(_norm(self.ln1, x, hooks, "ln1.scale", layer), ctx, layer)
+        attn_out = hooks("attn.out", layer, _norm(self.ln1_post, attn_out, hooks, "ln1_post.scale", layer))
         attn_out = self.splice("attn", attn_out, ctx)
         mid = hooks("resid.mid", layer, x + attn_out)
-        mlp_in = self.ln2(x if self.parallel else mid, hooks, "ln2.scale", layer)
-        mlp_out = hooks("mlp.out", layer, self.mlp(mlp_in, ctx, self))
+        mlp_in = _norm(self.ln2, x if self.parallel else mid, hooks, "ln2.scale", layer)
+        mlp_out = _norm(self.ln2_post, self.mlp(mlp_in, ctx, self), hooks, "ln2_post.scale", layer)
+        mlp_out = hooks("mlp.out", layer, mlp_out)
         post = hooks("resid.post", layer, mid + mlp_out)
         return self.splice("resid", post, ctx)
 
@@ -246,67 +120,57 @@ class Block(nn.Module):
         return ae.decode(z) + error
 
 
+def _norm(norm: Norm | None, x: torch.Tensor, hooks: HookSet, location: str, layer: int) -> torch.Tensor:
+    return x if norm is None else norm(x, hooks, location, layer)
+
+
 class _ForwardContext:
-    """What every layer of one forward pass shares: hooks, mask, rotary tables."""
+    """What every layer of one forward pass shares: hooks, masks, rotary tables (global layers',
+    and windowed layers' where they have their own rope base)."""
 
     def __init__(self, model: Transformer, input_ids: torch.Tensor, attention_mask, hooks: HookSet,
                  padded: bool | None = None, attn_impl: AttnImpl = "auto", cache: KVCache | None = None) -> None:
-        cfg = model.cfg
+        self.cfg = model.cfg
         B, T = input_ids.shape
         device = input_ids.device
         self.hooks, self.attn_impl, self.cache = hooks, attn_impl, cache
         self.offset = 0 if cache is None else cache.length  # positions already in the cache
-        dtype = model.embed.weight.dtype
-        self.rotary = rotary_cos_sin(cfg, T, device, dtype, self.offset) if cfg.positions == "rotary" else None
+        self._rotary_args = (T, device, model.embed.weight.dtype, self.offset)
+        self._rotary: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         if padded is None:  # (a compiled caller says so itself: reading the mask would break its graph)
             padded = attention_mask is not None and not bool(attention_mask.all())
-        windowed = cfg.sliding_window is not None and self.offset + T > cfg.sliding_window
-        self.plain_causal = not padded and not windowed and self.offset == 0
-        self._mask_args = (attention_mask if padded else None, cfg.sliding_window, B, T, device, self.offset)
-        self._mask: torch.Tensor | None = None
+        self._padded, self._n_keys = padded, self.offset + T
+        self._mask_args = (attention_mask if padded else None, B, T, device, self.offset)
+        self._masks: dict[int | None, torch.Tensor] = {}
 
-    @property
-    def mask(self) -> torch.Tensor:
-        """(batch, 1, token, key) bool, True where query t may attend to key u."""
-        if self._mask is None:
-            self._mask = attention_mask_4d(*self._mask_args)
-        return self._mask
+    def rotary(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin (token, rotary_dim) for `layer`, None for learned positions."""
+        if self.cfg.positions != "rotary":
+            return None
+        local = self.cfg.local_rope_theta is not None and self.cfg.window(layer) is not None
+        if local not in self._rotary:
+            self._rotary[local] = rotary_cos_sin(self.cfg, *self._rotary_args, local=local)
+        return self._rotary[local]
+
+    def plain_causal(self, layer: int) -> bool:
+        """Whether `layer`'s mask is the plain causal one (no padding, window, or cache)."""
+        window = self.cfg.window(layer)
+        windowed = window is not None and self._n_keys > window
+        return not self._padded and not windowed and self.offset == 0
+
+    def mask(self, layer: int) -> torch.Tensor:
+        """(batch, 1, token, key) bool, True where query t may attend to key u in `layer`."""
+        window = self.cfg.window(layer)
+        if window not in self._masks:
+            key_real, *rest = self._mask_args
+            self._masks[window] = attention_mask_4d(key_real, window, *rest)
+        return self._masks[window]
 
     def eager(self, layer: int) -> bool:
         if self.attn_impl != "auto":
-            return self.attn_impl == "eager"
-        return self.hooks.has("attn.logits", layer) or self.hooks.has("attn.probs", layer)
-
-
-def attention_mask_4d(key_real, window: int | None, B: int, T: int, device, offset: int = 0) -> torch.Tensor:
-    """(batch, 1, token, key) for T queries at positions offset.. over offset + T keys."""
-    t = torch.arange(offset, offset + T, device=device)
-    u = torch.arange(offset + T, device=device)
-    allowed = u[None, :] <= t[:, None]  # (token, key) causal
-    if window is not None:
-        allowed &= t[:, None] - u[None, :] < window
-    allowed = allowed[None, None].expand(B, 1, T, offset + T)
-    if key_real is not None:
-        # padding keys are hidden; the diagonal stays visible so no row is empty (a padding
-        # query then attends to itself and real keys: its values are meaningless anyway)
-        allowed = allowed & (key_real.bool()[:, None, None, :] | (u[None, :] == t[:, None]))
-    return allowed
-
-
-class KVCache:
-    """Keys and values (after rotary and hooks) of the positions run so far, per layer, for
-    incremental decoding: a forward with a cache reads them, appends its own, and advances."""
-
-    def __init__(self) -> None:
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.length = 0
-
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer in self.keys:
-            k, v = torch.cat([self.keys[layer], k], dim=1), torch.cat([self.values[layer], v], dim=1)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+            return self.attn_impl == "eager" or self.cfg.attn_softcap is not None
+        return (self.cfg.attn_softcap is not None  # the fused kernel has no soft-capping
+                or self.hooks.has("attn.logits", layer) or self.hooks.has("attn.probs", layer))
 
 
 class Transformer(nn.Module):
@@ -337,7 +201,8 @@ class Transformer(nn.Module):
         `padded`: whether attention_mask hides any token (None: read it off the mask).
         `logit_positions` (batch,): unembed only that token of each row -> (batch, 1, vocab), for
         callers that read no other logits (the vocabulary matmul is the largest in small models).
-        `attn_impl`: "auto" (eager where probabilities are hooked), "eager" or "sdpa".
+        `attn_impl`: "auto" (eager where probabilities are hooked or logits soft-capped), "eager"
+        or "sdpa" (eager anyway where logits are soft-capped).
         `cache`: a KVCache holding the earlier positions (incremental decoding: these tokens are
         the next ones); it is extended in place.
         """
@@ -348,6 +213,8 @@ class Transformer(nn.Module):
             raise TdbqlError(f"{offset + T} tokens exceed the model's context of {self.cfg.n_ctx} positions")
         ctx = _ForwardContext(self, input_ids, attention_mask, hooks, padded, attn_impl, cache)
         x = self.embed(input_ids)  # (batch, token, d_model)
+        if self.cfg.embed_scale != 1.0:  # Gemma: sqrt(d_model), rounded to the weights' dtype
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype, device=x.device)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(offset, offset + T, device=input_ids.device))
         x = hooks("resid.embed", None, x)
@@ -358,7 +225,32 @@ class Transformer(nn.Module):
             cache.length += T
         if logit_positions is not None:
             x = x[torch.arange(B, device=x.device), logit_positions][:, None]  # (batch, 1, d_model)
-        return hooks("logits", None, self.unembed(x))
+        return hooks("logits", None, self.cap_logits(self.unembed(x)))
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """cap * tanh(logits / cap) where the family soft-caps its output logits (Gemma 2)."""
+        cap = self.cfg.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def locations(self) -> tuple[str, ...]:
+        """The hook locations this model's forward calls (autoencoder sites aside): the norm
+        scales only of the norms the family has."""
+        cfg = self.cfg
+        absent = set()
+        if not cfg.pre_norms:
+            absent |= {"ln1.scale", "ln2.scale"}
+        if not cfg.post_norms:
+            absent |= {"ln1_post.scale", "ln2_post.scale"}
+        if cfg.qk_norm == "none":
+            absent |= {"q_norm.scale", "k_norm.scale"}
+        return tuple(loc for loc in LOCATIONS if not loc.startswith("sae.") and loc not in absent)
+
+    def write_scale_location(self, site: str) -> str | None:
+        """The hook location of the post-norm scale that divides `site`'s ("attn" or "mlp")
+        writes to the residual, None where the family has no post-norms."""
+        if not self.cfg.post_norms:
+            return None
+        return {"attn": "ln1_post.scale", "mlp": "ln2_post.scale"}[site]
 
     # --- autoencoders ---
 
@@ -398,8 +290,8 @@ class Transformer(nn.Module):
         return self.unembed.bias
 
     @property
-    def final_norm_weight(self) -> torch.Tensor:  # (d_model,)
-        return self.ln_f.weight
+    def final_norm_weight(self) -> torch.Tensor:  # (d_model,), with Gemma's + 1
+        return self.ln_f.effective_weight()
 
     @property
     def final_norm_bias(self) -> torch.Tensor | None:  # (d_model,)
@@ -412,8 +304,8 @@ class Transformer(nn.Module):
         up = self.blocks[layer].mlp.fc_up
         return None if up is None else up.weight.T
 
-    def W_out(self, layer: int) -> torch.Tensor:  # (d_mlp, d_model)
-        return self.blocks[layer].mlp.fc_out.weight.T
+    def W_out(self, layer: int) -> torch.Tensor:  # (d_mlp, d_model); post-norm weight folded in
+        return self._post_norm_folded(self.blocks[layer].mlp.fc_out.weight.T, self.blocks[layer].ln2_post)
 
     def b_out(self, layer: int) -> torch.Tensor | None:  # (d_model,)
         return self.blocks[layer].mlp.fc_out.bias
@@ -427,12 +319,17 @@ class Transformer(nn.Module):
     def W_V(self, layer: int) -> torch.Tensor:  # (kv_head, d_model, d_head)
         return self._split_heads(self.blocks[layer].attn.v.weight, self.cfg.n_kv_heads)
 
-    def W_O(self, layer: int) -> torch.Tensor:  # (head, d_head, d_model)
-        w = self.blocks[layer].attn.o.weight  # (d_model, head * d_head)
-        return w.T.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+    def W_O(self, layer: int) -> torch.Tensor:  # (head, d_head, d_model); post-norm weight folded in
+        w = self._post_norm_folded(self.blocks[layer].attn.o.weight.T, self.blocks[layer].ln1_post)
+        return w.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
 
     def b_O(self, layer: int) -> torch.Tensor | None:  # (d_model,)
         return self.blocks[layer].attn.o.bias
+
+    @staticmethod
+    def _post_norm_folded(w: torch.Tensor, post_norm: Norm | None) -> torch.Tensor:
+        """(rows, d_model) writes times the post-norm's weight (post-norm families)."""
+        return w if post_norm is None else w * post_norm.effective_weight()
 
     def _split_heads(self, w: torch.Tensor, n: int) -> torch.Tensor:
         # w: (n * d_head, d_model) -> (n, d_model, d_head)

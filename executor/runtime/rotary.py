@@ -8,11 +8,14 @@ import math
 import torch
 
 
-def rotary_inv_freq(cfg) -> torch.Tensor:
-    """Inverse frequencies (rotary_dim/2,), with the configured rope scaling."""
+def rotary_inv_freq(cfg, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim/2,), with the configured rope scaling; `local`: those of
+    windowed layers where the config gives them their own base (Gemma 3: no scaling there)."""
     dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling or {}
+    local = local and cfg.local_rope_theta is not None
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = {} if local else cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -35,10 +38,11 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rotary_cos_sin(cfg, n_tokens: int, device: torch.device, dtype: torch.dtype, offset: int = 0):
+def rotary_cos_sin(cfg, n_tokens: int, device: torch.device, dtype: torch.dtype, offset: int = 0,
+                   local: bool = False):
     """cos, sin of shape (token, rotary_dim) for positions offset..offset+n_tokens-1, computed in
-    float32 then cast."""
-    inv_freq = rotary_inv_freq(cfg).to(device)
+    float32 then cast (`local`: a windowed layer's, see rotary_inv_freq)."""
+    inv_freq = rotary_inv_freq(cfg, local).to(device)
     positions = torch.arange(offset, offset + n_tokens, device=device, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # (token, rotary_dim)

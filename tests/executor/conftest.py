@@ -7,7 +7,9 @@ Fixtures for every executor test:
 
 Archs: gpt2, neox (parallel residual), neox_serial, llama (GQA, llama3 rope scaling),
 llama_linear (linear rope scaling), mistral (sliding window 4), qwen2 (q/k/v biases, tied
-embeddings). Weights are re-drawn with a large scale so differences are not hidden by tiny logits.
+embeddings), qwen3 (q/k norm per head, head_dim 12), phi3 (fused projections, window 5, partial
+rotary), olmo2 (post-norms only, q/k norm over all heads), gemma2 (window 4 on layer 0, soft caps
+3 and 8), gemma3 (window 4 and rope base 50 on layer 0, linear scaling on layer 1, q/k norms). Weights are re-drawn with a large scale so differences are not hidden by tiny logits.
 """
 
 from __future__ import annotations
@@ -72,6 +74,19 @@ def hf_config(arch: str, **overrides):
         "llama_linear": lambda: tf.LlamaConfig(**llama_like, rope_scaling={"rope_type": "linear", "factor": 2.0}),
         "mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=4),
         "qwen2": lambda: tf.Qwen2Config(**llama_like, tie_word_embeddings=True),
+        # the families of executor/runtime/config.py's second half (tests/executor/runtime/test_families.py)
+        "qwen3": lambda: tf.Qwen3Config(**llama_like, head_dim=12),
+        "phi3": lambda: tf.Phi3Config(**llama_like, sliding_window=5, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                      rope_parameters={
+            "rope_type": "default", "rope_theta": 2000.0, "partial_rotary_factor": 0.5}),
+        "olmo2": lambda: tf.Olmo2Config(**llama_like, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+        "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
+                                          attn_logit_softcapping=3.0, final_logit_softcapping=8.0),
+        "gemma3": lambda: tf.Gemma3TextConfig(**llama_like, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                                              layer_types=["sliding_attention", "full_attention"], rope_parameters={
+                                                  "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+                                                  "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                     "rope_theta": 20000.0}}),
     }
     cfg = configs[arch]()
     for key, value in overrides.items():
