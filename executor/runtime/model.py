@@ -173,12 +173,22 @@ class _ForwardContext:
                 or self.hooks.has("attn.logits", layer) or self.hooks.has("attn.probs", layer))
 
 
+def embedding(n: int, d: int) -> nn.Embedding:
+    """nn.Embedding with its usual N(0, 1) init, except on the meta device (loading builds there and
+    assigns the weights next): normal_'s meta kernel imports torch._dynamo on first use, about 1.5 s
+    of every cold start."""
+    weight = torch.empty(n, d)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(n, d, _weight=weight)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model) if cfg.positions == "learned" else None
+        self.embed = embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = embedding(cfg.n_ctx, cfg.d_model) if cfg.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_f = Norm(cfg)
         self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
