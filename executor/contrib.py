@@ -9,6 +9,8 @@ c_i = d_i / sum_j d_j, normalised jointly over every part (docs/routes.md).
   parts and get the EPS floor, as in LLM-TT (counted up to the prompt's own length).
 - MLP at token t: parts {mlp_out[t], resid_mid[t]}; whole = resid_post[t].
 - neurons at token t: one part per neuron, post[t,n] * W_out[n], plus resid_mid[t].
+- post-norm families (Gemma 2/3, OLMo 2): W_O and W_out carry the post-norm's weight and every
+  part at query t is divided by the post-norm's scale there, so the parts still sum to the write.
 
 Nothing here materialises tokens x tokens x heads x d_model. Every part is a scaled row,
 s[q,j] * rows[j], so the L1 distances are computed in tiles (query block x row block), only for
@@ -265,19 +267,28 @@ class ContributionCapture:
         self.saved: dict[str, torch.Tensor] = {}
 
     def install(self, hooks: HookSet) -> HookSet:
+        # post-norm families: parts are divided by the post-norm's scale at the query token
+        self.attn_scale, self.mlp_scale = self.model.write_scale_location("attn"), self.model.write_scale_location("mlp")
         for layer in self.layers:
             if self.want_attention:
-                for loc in ("resid.pre", "attn.probs", "attn.v"):
-                    hooks.add(loc, layer, self._saver(loc))
+                for loc in ("resid.pre", "attn.probs", "attn.v", self.attn_scale):
+                    if loc is not None:
+                        hooks.add(loc, layer, self._saver(loc))
                 hooks.add("resid.mid", layer, self._on_resid_mid(layer))
             if self.want_mlp or self.want_neurons:
                 hooks.add("resid.mid", layer, self._saver("resid.mid"))
                 if self.want_mlp:
                     hooks.add("mlp.out", layer, self._saver("mlp.out"))
                 if self.want_neurons:
-                    hooks.add("mlp.post", layer, self._saver("mlp.post"))
+                    for loc in ("mlp.post", self.mlp_scale):
+                        if loc is not None:
+                            hooks.add(loc, layer, self._saver(loc))
                 hooks.add("resid.post", layer, self._on_resid_post(layer))
         return hooks
+
+    def _per_write(self, location: str | None, row: int, n: int) -> torch.Tensor | float:
+        """(n, 1): 1 / the post-norm scale at each token of a prompt (1 without post-norms)."""
+        return 1.0 if location is None else 1.0 / self.saved[location][row, :n]
 
     def _saver(self, loc: str) -> Callable[[torch.Tensor], None]:
         def save(x: torch.Tensor) -> None:
@@ -301,14 +312,14 @@ class ContributionCapture:
                 c_attn, c_res = attention_contributions(
                     self.saved["resid.pre"][row, :n],
                     resid_mid[row, :n].detach(),
-                    self.saved["attn.probs"][row, :, :n, :n],
+                    self.saved["attn.probs"][row, :, :n, :n] * self._per_write(self.attn_scale, row, n),
                     writes,
                     norm=self.norm,
                     queries=queries,
                     tile_elements=self.tile_elements,
                 )
                 self.sink(LayerContributions(row, layer, queries, attn=c_attn, attn_resid=c_res))
-            for loc in ("resid.pre", "attn.probs", "attn.v"):
+            for loc in ("resid.pre", "attn.probs", "attn.v", self.attn_scale):
                 self.saved.pop(loc, None)
 
         return compute
@@ -323,12 +334,13 @@ class ContributionCapture:
                     result.mlp, result.mlp_resid = mlp_contributions(mid, mlp_out, post_state, norm=self.norm)
                 if self.want_neurons:
                     q = result.queries
+                    post = self.saved["mlp.post"][row, :n] * self._per_write(self.mlp_scale, row, n)
                     result.neurons, result.neurons_resid = neuron_contributions(
-                        mid[q], post_state[q], self.saved["mlp.post"][row, q], self.model.W_out(layer).detach(),
+                        mid[q], post_state[q], post[q], self.model.W_out(layer).detach(),
                         norm=self.norm, tile_elements=self.tile_elements,
                     )
                 self.sink(result)
-            for loc in ("resid.mid", "mlp.out", "mlp.post"):
+            for loc in ("resid.mid", "mlp.out", "mlp.post", self.mlp_scale):
                 self.saved.pop(loc, None)
 
         return compute

@@ -35,13 +35,14 @@ from .runtime.hooks import NO_HOOKS
 
 
 def unembed(model, x: torch.Tensor, *, use_ln_f: bool = True) -> torch.Tensor:
-    """Logits of residual states x [..., d_model], through the final norm or not."""
+    """Logits of residual states x [..., d_model], through the final norm or not (soft-capped
+    as the model's own where the family caps them: Gemma 2)."""
     if use_ln_f:
         x = model.ln_f(x, NO_HOOKS, "ln_f.scale", None)
     logits = x.to(model.W_U.dtype) @ model.W_U
     if model.b_U is not None:
         logits = logits + model.b_U
-    return logits.float()
+    return model.cap_logits(logits).float()
 
 
 def ranks_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -217,7 +218,7 @@ def _capture_node(loaded, batch, node: NodeRef, add_hooks) -> dict[str, torch.Te
     }
     if node.component not in needs:  # a latent
         needs[node.component] = [f"sae.{COMPONENTS[node.component].site}.latent"]
-    locations = needs[node.component]
+    locations = needs[node.component] + [loc for loc in [_write_scale(loaded, node)] if loc is not None]
     saved: dict[str, torch.Tensor] = {}
     hooks = batch_hooks(batch, add_hooks)
     for loc in locations:
@@ -226,8 +227,23 @@ def _capture_node(loaded, batch, node: NodeRef, add_hooks) -> dict[str, torch.Te
     return saved
 
 
+def _write_scale(loaded, node: NodeRef) -> str | None:
+    """Post-norm families: the scale dividing a neuron's, head's or MLP latent's write."""
+    if node.index is None or node.component == "block":
+        return None
+    site = "attn" if node.component == "attn" else "mlp" if node.component in ("mlp", "mlp_sae") else None
+    return None if site is None else loaded.model.write_scale_location(site)
+
+
 def _node_writes(loaded, node: NodeRef, saved, row, positions, key, raw) -> torch.Tensor:
-    """The node's write to the residual stream at each position: [P, d_model]."""
+    """The node's write to the residual stream at each position: [P, d_model] (in post-norm
+    families divided by the post-norm's scale at the position; `raw` key writes included)."""
+    writes = _unscaled_writes(loaded, node, saved, row, positions, key, raw)
+    scale = _write_scale(loaded, node)
+    return writes if scale is None else writes / saved[scale][row, positions]
+
+
+def _unscaled_writes(loaded, node: NodeRef, saved, row, positions, key, raw) -> torch.Tensor:
     model, layer, idx = loaded.model, node.layer, node.index
     if node.component == "block":
         return saved["resid.post"][row, positions] - saved["resid.pre"][row, positions]

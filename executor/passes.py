@@ -192,6 +192,9 @@ def _value_trace_objective(loaded, plan: NodePlan, batch: Batch, last_logits: to
     probs = store.live(Raw("attn.probs", L))[b, h, t]  # (batch, key); Q and K detached: a constant
     v = store.live(trace.objective)[:, :, h // (cfg.n_heads // cfg.n_kv_heads)]  # (batch, key, d_head)
     g_head = g_down[b, t] @ model.W_O(L)[h].T  # (batch, d_head): g_down read back through W_O[h]
+    post = model.write_scale_location("attn")  # post-norm families: / its scale, held constant
+    if post is not None:
+        g_head = g_head / store.live(Raw(post, L))[b, t].detach()
     per_key = probs * torch.einsum("bue,be->bu", v, g_head)  # (batch, key)
     if trace.key is None:
         return torch.where(keys_up_to(t, per_key.shape[1]), per_key, 0).sum()
@@ -206,10 +209,10 @@ def _jvp_pass(loaded, plan: NodePlan, batch: Batch, edits: Interventions, store:
     hooks = HookSet()
     edits.add(hooks, batch)
     primal: dict[str, torch.Tensor] = {}
-    for location in _write_sources(trace):
+    for location in _write_sources(trace, loaded.model):
         hooks.add(location, trace.layer, _keep_primal(primal, location))
     for layer in range(n_layers):
-        for location in ("ln1.scale", "ln2.scale"):
+        for location in ("ln1.scale", "ln2.scale", "q_norm.scale", "k_norm.scale"):
             hooks.add(location, layer, _drop_tangent)
     for raw in sorted(r for r in plan.raws if r.pass_ == "jvp"):
         hooks.add(raw.location, raw.layer, store.capture_tangent(raw))
@@ -237,6 +240,19 @@ def _inject_write(loaded, trace: TraceSpec, primal: dict, batch: Batch):
 def _trace_write(loaded, trace: TraceSpec, primal: dict, b, t, batch: Batch, x: torch.Tensor) -> torch.Tensor:
     """The traced node's write to the residual at its token: (batch, d_model). `x` is the
     tensor at the write location (the SAE input for attn / resid autoencoders)."""
+    write = _unscaled_write(loaded, trace, primal, b, t, batch, x)
+    post = _write_scale(trace, loaded.model)
+    return write if post is None else write / primal[post][b, t]  # post-norm families: / its scale at t
+
+
+def _write_scale(trace: TraceSpec, model) -> str | None:
+    """The post-norm scale dividing the traced node's write (attn / resid autoencoders write
+    after the post-norm: none)."""
+    site = {"mlp": "mlp", "mlp_sae": "mlp", "attn": "attn"}.get(trace.kind)
+    return None if site is None else model.write_scale_location(site)
+
+
+def _unscaled_write(loaded, trace: TraceSpec, primal: dict, b, t, batch: Batch, x: torch.Tensor) -> torch.Tensor:
     model, cfg = loaded.model, loaded.config
     L, i = trace.layer, trace.index
     if trace.kind == "mlp":
@@ -259,12 +275,17 @@ def _trace_write(loaded, trace: TraceSpec, primal: dict, b, t, batch: Batch, x: 
     return z * loaded.decoder_in_resid(site, L)[i]
 
 
-def _write_sources(trace: TraceSpec) -> tuple[str, ...]:
+def _write_sources(trace: TraceSpec, model) -> tuple[str, ...]:
+    """The forward values the traced node's write is made of (and the post-norm scale dividing
+    it, where the family has one)."""
     if trace.kind == "mlp":
-        return ("mlp.post",)
-    if trace.kind == "attn":
-        return ("attn.v", "attn.probs")
-    return ("sae.mlp.latent",) if trace.kind == "mlp_sae" else ()
+        sources = ("mlp.post",)
+    elif trace.kind == "attn":
+        sources = ("attn.v", "attn.probs")
+    else:
+        sources = ("sae.mlp.latent",) if trace.kind == "mlp_sae" else ()
+    post = _write_scale(trace, model)
+    return sources if post is None else sources + (post,)
 
 
 # --- hook functions ---------------------------------------------------------------------------------------

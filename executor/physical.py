@@ -64,10 +64,21 @@ def node_read_order(kind: str, layer: int, parallel: bool) -> float:
 
 
 LOCATION_ORDER = [
-    "resid.pre", "ln1.scale", "attn.q", "attn.k", "attn.v", "attn.logits", "attn.probs", "attn.z",
-    "attn.out", "sae.attn.latent", "sae.attn.error", "resid.mid", "ln2.scale", "mlp.pre", "mlp.post",
-    "sae.mlp.latent", "sae.mlp.error", "mlp.out", "resid.post", "sae.resid.latent", "sae.resid.error",
+    "resid.pre", "ln1.scale", "q_norm.scale", "k_norm.scale", "attn.q", "attn.k", "attn.v", "attn.logits",
+    "attn.probs", "attn.z", "ln1_post.scale", "attn.out", "sae.attn.latent", "sae.attn.error", "resid.mid",
+    "ln2.scale", "mlp.pre", "mlp.post", "sae.mlp.latent", "sae.mlp.error", "ln2_post.scale", "mlp.out",
+    "resid.post", "sae.resid.latent", "sae.resid.error",
 ]
+
+
+def write_scale(kind: str, cfg) -> str | None:
+    """The post-norm scale that divides a node kind's writes (post-norm families), else None."""
+    if not getattr(cfg, "post_norms", False) or kind == "embed":
+        return None
+    site = COMPONENTS[kind].site
+    if kind in ("attn", "head"):
+        return "ln1_post.scale"
+    return "ln2_post.scale" if kind == "mlp" or site == "mlp" else None
 
 
 def location_rank(raw: Raw) -> tuple[float, int]:
@@ -199,7 +210,8 @@ def _sites(query: NodeQuery, scalars: tuple[str, ...], g: Raw, trace: TraceSpec 
             if not static_conditions_pass(query.where, kind, layer):
                 continue
             downstream = trace is not None and _downstream(kind, layer, trace, cfg.parallel_residual)
-            site = Site(kind, layer, g=g, upstream=write_order(kind, layer) < read_order(g))
+            site = Site(kind, layer, g=g, upstream=write_order(kind, layer) < read_order(g),
+                        write_scale=write_scale(kind, cfg))
             derivers = tuple((s, deriver(s, kind, downstream=downstream)) for s in scalars)
             if derivers[0][1] is None and (query.mode != "select" or all(d is None for _, d in derivers)):
                 continue  # the ranking scalar is not defined here (select: no scalar is)
@@ -238,10 +250,12 @@ def trace_spec(trace: Trace, cfg, saes: Collection[tuple[str, int]]) -> TraceSpe
                          "mlp.out")
     if node.component == "attn":
         if trace.via == "v":
+            post = write_scale("attn", cfg)  # the head's write is divided by the post-norm's scale
             return TraceSpec("attn", L, node.index, node.token, node.key, Raw("attn.v", L), Raw("resid.pre", L, "bwd"),
                              (("ln1.scale", L), ("attn.q", L), ("attn.k", L)), "attn.out", via="v",
-                             inputs=(Raw("attn.probs", L), Raw("resid.mid", L)))
-        detach = [("ln1.scale", L)] + {"q": [("attn.k", L)], "k": [("attn.q", L)]}.get(trace.via, [])
+                             inputs=(Raw("attn.probs", L), Raw("resid.mid", L), *([Raw(post, L)] if post else [])))
+        qk_norms = [("q_norm.scale", L), ("k_norm.scale", L)] if getattr(cfg, "qk_norm", "none") != "none" else []
+        detach = [("ln1.scale", L), *qk_norms] + {"q": [("attn.k", L)], "k": [("attn.q", L)]}.get(trace.via, [])
         return TraceSpec("attn", L, node.index, node.token, node.key, Raw("attn.logits", L),
                          Raw("resid.pre", L, "bwd"), tuple(detach), "attn.out", via=trace.via)
     site = COMPONENTS[node.component].site

@@ -14,7 +14,7 @@ catalog says the scalar is defined for (a test holds each to the parts it needs)
 takes the union of `needs` over the derivers of a query and installs only those hooks.
 
 Node kinds (the `component` column):
-- `mlp` (t, n): a = mlp.post.
+- `mlp` (t, n): a = mlp.post; unit write = W_out[n].
 - `attn` (t, u, h): A = attn.probs; unit write = v[u] W_O[h].
 - `head` (t, h): attention summed over keys u (act = Σ_u A, 1 unless ablated); write_norm is the
   norm of the summed write ‖z[t,h] W_O[h]‖ (TDB's per-sequence-token write norm).
@@ -39,6 +39,7 @@ forward-mode derivative (JVP) of M's pre-activation along X's write, through the
 only (one → many; every layer-norm scale frozen). Nodes neither side give 0. Defined for mlp,
 attn, latents and embeddings (always upstream).
 
+Post-norm families: a unit write at t is divided by the post-norm's scale (docs/scalars.md).
 `contribution` is LLM-TT's proximity share (docs/routes.md), computed by executor/contrib.py's
 capture inside the same forward pass and read here from the locations `contrib.attn` and
 `contrib.mlp`.
@@ -80,6 +81,7 @@ class Site:
     layer: int | None
     g: Raw | None = None
     upstream: bool = True
+    write_scale: str | None = None  # post-norm families: the scale that divides the kind's writes
 
     @property
     def sae_site(self) -> str | None:
@@ -98,6 +100,14 @@ class Context:
 
     def g(self) -> torch.Tensor:  # (batch, token, d_model)
         return self._raw(self.site.g)
+
+    def per_write(self, vector: bool = False) -> torch.Tensor | float:
+        """What a unit write is multiplied by at each token: 1 / the post-norm's scale, (batch,
+        token, 1, 1) or for `vector` (batch, token, 1), in post-norm families; else 1."""
+        if self.site.write_scale is None:
+            return 1.0
+        inverse = 1.0 / self.raw(self.site.write_scale)
+        return inverse if vector else inverse[..., None]
 
     def part(self, name: str) -> torch.Tensor:
         if name not in self._memo:
@@ -167,6 +177,11 @@ def _none(s: Site) -> frozenset[Raw]:
     return frozenset()
 
 
+def _scaled(needs: Callable[[Site], frozenset[Raw]]) -> Callable[[Site], frozenset[Raw]]:
+    """`needs` plus the post-norm scale a write is divided by, where the site has one."""
+    return lambda s: needs(s) | ({Raw(s.write_scale, s.layer)} if s.write_scale is not None else frozenset())
+
+
 def _latent_loc(s: Site) -> str:
     return f"sae.{s.sae_site}.latent"
 
@@ -186,7 +201,7 @@ def _zeros_unless_upstream(ctx: Context, compute: Callable[[], torch.Tensor], li
 def _mlp_direct(ctx: Context) -> torch.Tensor:
     def compute():
         read = torch.einsum("btd,nd->btn", ctx.g(), ctx.weights.W_out(ctx.site.layer))
-        return ctx.part("act") * read[:, :, None, :]
+        return ctx.part("act") * read[:, :, None, :] * ctx.per_write()
 
     return _zeros_unless_upstream(ctx, compute, "act")
 
@@ -194,8 +209,9 @@ def _mlp_direct(ctx: Context) -> torch.Tensor:
 MLP_PARTS = {
     "act": Part(_fixed("mlp.post"), lambda c: c.raw("mlp.post")[:, :, None, :]),
     "grad": Part(_fixed("mlp.post", "bwd"), lambda c: c.raw("mlp.post", "bwd")[:, :, None, :]),
-    "write_norm": Part(_none, lambda c: c.part("act") * c.weights.W_out(c.site.layer).norm(dim=-1), ("act",)),
-    "direct_effect": Part(_g_need(), _mlp_direct, ("act",)),
+    "write_norm": Part(_scaled(_none),
+                       lambda c: c.part("act") * c.weights.W_out(c.site.layer).norm(dim=-1) * c.per_write(), ("act",)),
+    "direct_effect": Part(_scaled(_g_need()), _mlp_direct, ("act",)),
     "jvp_pre": Part(_fixed("mlp.pre", "jvp"), lambda c: c.raw("mlp.pre", "jvp")[:, :, None, :]),
 }
 
@@ -210,13 +226,13 @@ def _value_heads(ctx: Context) -> torch.Tensor:
 
 def _attn_write_norm(ctx: Context) -> torch.Tensor:
     write = torch.einsum("buhe,hed->buhd", _value_heads(ctx), ctx.weights.W_O(ctx.site.layer))
-    return ctx.part("act") * write.norm(dim=-1)[:, None, :, :]  # A · ‖v[u] W_O[h]‖
+    return ctx.part("act") * write.norm(dim=-1)[:, None, :, :] * ctx.per_write()  # A · ‖v[u] W_O[h]‖ (/ s[t])
 
 
 def _attn_direct(ctx: Context) -> torch.Tensor:
     def compute():
         g_read = torch.einsum("btd,hed->bthe", ctx.g(), ctx.weights.W_O(ctx.site.layer))
-        return ctx.part("act") * torch.einsum("buhe,bthe->btuh", _value_heads(ctx), g_read)
+        return ctx.part("act") * torch.einsum("buhe,bthe->btuh", _value_heads(ctx), g_read) * ctx.per_write()
 
     return _zeros_unless_upstream(ctx, compute, "act")
 
@@ -228,8 +244,8 @@ def _probs_layout(x: torch.Tensor) -> torch.Tensor:
 ATTN_PARTS = {
     "act": Part(_fixed("attn.probs"), lambda c: _probs_layout(c.raw("attn.probs"))),
     "grad": Part(_fixed("attn.probs", "bwd"), lambda c: _probs_layout(c.raw("attn.probs", "bwd"))),
-    "write_norm": Part(_fixed("attn.v"), _attn_write_norm, ("act",)),
-    "direct_effect": Part(_g_need(_fixed("attn.v")), _attn_direct, ("act",)),
+    "write_norm": Part(_scaled(_fixed("attn.v")), _attn_write_norm, ("act",)),
+    "direct_effect": Part(_scaled(_g_need(_fixed("attn.v"))), _attn_direct, ("act",)),
     "jvp_pre": Part(_fixed("attn.logits", "jvp"), lambda c: _probs_layout(c.raw("attn.logits", "jvp"))),
 }
 
@@ -240,7 +256,7 @@ def _sum_keys(c: Context, part: str) -> torch.Tensor:
 
 
 def _head_write(ctx: Context) -> torch.Tensor:  # (batch, token, head, d_model)
-    return torch.einsum("bthe,hed->bthd", ctx.raw("attn.z"), ctx.weights.W_O(ctx.site.layer))
+    return torch.einsum("bthe,hed->bthd", ctx.raw("attn.z"), ctx.weights.W_O(ctx.site.layer)) * ctx.per_write()
 
 
 def _head_direct(ctx: Context) -> torch.Tensor:
@@ -261,8 +277,8 @@ HEAD_PARTS = {
     "act_times_grad": Part(
         lambda s: frozenset({Raw("attn.probs", s.layer), Raw("attn.probs", s.layer, "bwd")}), _head_times_grad
     ),
-    "write_norm": Part(_fixed("attn.z"), lambda c: _head_write(c).norm(dim=-1)[:, :, None, :]),
-    "direct_effect": Part(_g_need(_fixed("attn.z")), _head_direct, ("write_norm",)),
+    "write_norm": Part(_scaled(_fixed("attn.z")), lambda c: _head_write(c).norm(dim=-1)[:, :, None, :]),
+    "direct_effect": Part(_scaled(_g_need(_fixed("attn.z"))), _head_direct, ("write_norm",)),
 }
 
 
@@ -270,13 +286,13 @@ HEAD_PARTS = {
 def _sae_direct(ctx: Context) -> torch.Tensor:
     def compute():
         decoder = ctx.weights.decoder(ctx.site.sae_site, ctx.site.layer)
-        return ctx.part("act") * torch.einsum("btd,id->bti", ctx.g(), decoder)[:, :, None, :]
+        return ctx.part("act") * torch.einsum("btd,id->bti", ctx.g(), decoder)[:, :, None, :] * ctx.per_write()
 
     return _zeros_unless_upstream(ctx, compute, "act")
 
 
 def _sae_write_norm(ctx: Context) -> torch.Tensor:
-    return ctx.part("act") * ctx.weights.decoder(ctx.site.sae_site, ctx.site.layer).norm(dim=-1)
+    return ctx.part("act") * ctx.weights.decoder(ctx.site.sae_site, ctx.site.layer).norm(dim=-1) * ctx.per_write()
 
 
 def _sae_jvp_pre(ctx: Context) -> torch.Tensor:
@@ -290,8 +306,8 @@ SAE_INPUT = {"mlp": "mlp.post", "attn": "attn.out", "resid": "resid.post"}
 SAE_PARTS = {
     "act": Part(_at(_latent_loc), lambda c: c.raw(_latent_loc(c.site))[:, :, None, :]),
     "grad": Part(_at(_latent_loc, "bwd"), lambda c: c.raw(_latent_loc(c.site), "bwd")[:, :, None, :]),
-    "write_norm": Part(_none, _sae_write_norm, ("act",)),
-    "direct_effect": Part(_g_need(), _sae_direct, ("act",)),
+    "write_norm": Part(_scaled(_none), _sae_write_norm, ("act",)),
+    "direct_effect": Part(_scaled(_g_need()), _sae_direct, ("act",)),
     "jvp_pre": Part(_at(lambda s: SAE_INPUT[s.sae_site], "jvp"), _sae_jvp_pre),
 }
 
@@ -307,7 +323,9 @@ def _vector(ctx: Context, pass_: Pass = "fwd") -> torch.Tensor:
 
 def _vector_write(ctx: Context) -> torch.Tensor:  # (batch, token, d_model)
     x = _vector(ctx)
-    return x if ctx.site.kind == "embed" else ctx.weights.to_resid(ctx.site.sae_site, ctx.site.layer, x)
+    if ctx.site.kind == "embed":
+        return x
+    return ctx.weights.to_resid(ctx.site.sae_site, ctx.site.layer, x) * ctx.per_write(vector=True)
 
 
 def _per_token(x: torch.Tensor) -> torch.Tensor:
@@ -331,8 +349,8 @@ VECTOR_PARTS = {
     "act": Part(_at(_vector_loc), lambda c: torch.ones_like(_per_token(_vector(c)[..., 0]))),
     "grad": Part(_VECTOR_BOTH, _vector_times_grad),
     "act_times_grad": Part(_VECTOR_BOTH, _vector_times_grad),
-    "write_norm": Part(_at(_vector_loc), lambda c: _per_token(_vector_write(c).norm(dim=-1))),
-    "direct_effect": Part(_g_need(_at(_vector_loc)), _vector_direct, ("act",)),
+    "write_norm": Part(_scaled(_at(_vector_loc)), lambda c: _per_token(_vector_write(c).norm(dim=-1))),
+    "direct_effect": Part(_scaled(_g_need(_at(_vector_loc))), _vector_direct, ("act",)),
     "norm": Part(_at(_vector_loc), lambda c: _per_token(_vector(c).norm(dim=-1))),
 }
 

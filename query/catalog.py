@@ -300,6 +300,8 @@ TL_BLOCK_HOOKS: dict[str, str] = {
     "hook_mlp_out": "mlp.out",
     "ln1.hook_scale": "ln1.scale",
     "ln2.hook_scale": "ln2.scale",
+    "ln1_post.hook_scale": "ln1_post.scale",
+    "ln2_post.hook_scale": "ln2_post.scale",
     "attn.hook_q": "attn.q",
     "attn.hook_k": "attn.k",
     "attn.hook_rot_q": "attn.q",

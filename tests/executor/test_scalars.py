@@ -29,6 +29,10 @@ TEXTS = [
 LOSS = Loss(targets=(" Mary",), distractors=(" John",))
 SCALARS = ("act", "grad", "act_times_grad", "write_norm", "direct_effect")
 TOL = 1e-5
+# every family of executor/runtime/config.py; the post-norm ones (Gemma 2/3, OLMo 2) divide each
+# unit write at token t by the post-norm's scale there (W_O and W_out carry its weight)
+FAMILIES = ["gpt2", "neox", "llama", "qwen3", "phi3", "olmo2", "gemma2", "gemma3"]
+POST_NORMS = ("ln1_post.scale", "ln2_post.scale")
 
 
 def prompts(texts=TEXTS) -> list[PromptRow]:
@@ -55,7 +59,7 @@ class Reference:
             extra(hooks)
         hooks.add("resid.embed", None, self._leaf)
         for layer in range(model.cfg.n_layers):
-            for loc in self.LOCATIONS:
+            for loc in self.LOCATIONS + POST_NORMS * model.cfg.post_norms:
                 hooks.add(loc, layer, self._keep(loc, layer))
             for site in ("mlp", "attn", "resid"):
                 if (site, layer) in loaded.saes:
@@ -96,6 +100,12 @@ class Reference:
     def val(self, loc, layer=None):
         return self.x[(loc, layer)][0].detach()
 
+    def inverse_scale(self, site, layer):
+        """(T, 1): 1 / the post-norm scale dividing `site`'s writes (1 without post-norms)."""
+        if not self.model.cfg.post_norms:
+            return torch.ones(self.T, 1)
+        return 1 / self.val("ln1_post.scale" if site == "attn" else "ln2_post.scale", layer)
+
     def grad(self, loc, layer=None):
         g = self.x[(loc, layer)].grad
         return torch.zeros_like(self.x[(loc, layer)][0]) if g is None else g[0]
@@ -108,12 +118,12 @@ def expected(ref: Reference, g: torch.Tensor, upstream=lambda kind, layer: True)
     group = cfg.n_heads // cfg.n_kv_heads
     for L in range(cfg.n_layers):
         a, da = ref.val("mlp.post", L), ref.grad("mlp.post", L)  # (t, n)
-        W_out = m.W_out(L)
-        de = a * (g @ W_out.T) if upstream("mlp", L) else torch.zeros_like(a)
+        W_out, inv2, inv1 = m.W_out(L), ref.inverse_scale("mlp", L), ref.inverse_scale("attn", L)
+        de = a * (g @ W_out.T) * inv2 if upstream("mlp", L) else torch.zeros_like(a)
         for (t, n), _ in _items(a):
             out[("mlp", L, n, t, None)] = {
                 "act": a[t, n], "grad": da[t, n], "act_times_grad": a[t, n] * da[t, n],
-                "write_norm": a[t, n] * W_out[n].norm(), "direct_effect": de[t, n],
+                "write_norm": a[t, n] * W_out[n].norm() * inv2[t, 0], "direct_effect": de[t, n],
             }
         A, dA = ref.val("attn.probs", L), ref.grad("attn.probs", L)  # (h, t, u)
         v = ref.val("attn.v", L)  # (u, kv_head, d_head)
@@ -121,13 +131,13 @@ def expected(ref: Reference, g: torch.Tensor, upstream=lambda kind, layer: True)
         for h in range(cfg.n_heads):
             vw = v[:, h // group] @ W_O[h]  # (u, d_model)
             for t in range(ref.T):
-                head_write = (A[h, t, :, None] * vw).sum(0)
+                head_write = (A[h, t, :, None] * vw).sum(0) * inv1[t, 0]
                 heads = defaultdict(float)
                 for u in range(t + 1):
                     row = {
                         "act": A[h, t, u], "grad": dA[h, t, u], "act_times_grad": A[h, t, u] * dA[h, t, u],
-                        "write_norm": A[h, t, u] * vw[u].norm(),
-                        "direct_effect": A[h, t, u] * (vw[u] @ g[t]) if upstream("attn", L) else 0.0,
+                        "write_norm": A[h, t, u] * vw[u].norm() * inv1[t, 0],
+                        "direct_effect": A[h, t, u] * (vw[u] @ g[t]) * inv1[t, 0] if upstream("attn", L) else 0.0,
                     }
                     out[("attn", L, h, t, u)] = row
                     for k in ("act", "grad", "act_times_grad", "direct_effect"):
@@ -203,7 +213,7 @@ def reference_table(loaded, rows, **kw) -> dict:
 # --- tests ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_node_scalars_equal_plain_autograd(tiny_model, arch):
     loaded = tiny_model(arch)
     rows = prompts()
@@ -252,9 +262,10 @@ def test_token_attribution_is_embedding_times_gradient(tiny_model):
     assert_matches(got, reference_table(loaded, rows), ("token_attribution",), ("embed",))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3", "phi3", "olmo2", "gemma3"])
 def test_direct_effects_add_up_to_the_loss(tiny_model, arch):
-    """Σ direct effects (neurons, attention (t,u,h), embedding) + bias paths = logit difference."""
+    """Σ direct effects (neurons, attention (t,u,h), embedding) + bias paths = logit difference
+    (post-norm families too: with each post-norm's scale held, the units' writes sum to its output)."""
     loaded = tiny_model(arch)
     m = loaded.model
     rows = prompts()

@@ -255,3 +255,14 @@ def test_unsupported_gemma_variants_are_clear_errors(make_checkpoint, tmp_path):
     biased = _copy_with_config(make_checkpoint("olmo2"), tmp_path / "o", attention_bias=True)
     with pytest.raises(TdbqlError, match="biases in a family with post-norms"):
         load_model(str(biased))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("blocks.3.ln1_post.hook_scale", ("ln1_post.scale", 3)),
+    ("blocks.0.ln2_post.hook_scale", ("ln2_post.scale", 0)),
+    ("blocks.2.q_norm.scale", ("q_norm.scale", 2)),
+])
+def test_hook_names_of_the_new_norms(name, expected):
+    from tdbql.executor.runtime.model import hook_alias
+
+    assert hook_alias(name) == expected
