@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import pyarrow as pa
 import torch
@@ -34,7 +35,16 @@ from .conditions import and_mask, scalar_mask
 from .explain import explain_forward_only, explain_generate, explain_metric, explain_plan, explain_sweep
 from .generate import generate_table
 from .interventions import Interventions, Patcher, patch_specs
-from .memory import MemoryEstimate, batch_size_for, default_budget, estimate_memory, raw_numel
+from .memory import (
+    MemoryEstimate,
+    admit,
+    available_memory,
+    batch_size_for,
+    default_budget,
+    estimate_memory,
+    raw_numel,
+    with_results,
+)
 from .pairs import side
 from .patching import metric_table, sweep_table, sweep_variants
 from .physical import NodePlan, plan_node_query
@@ -70,12 +80,14 @@ class Engine:
         freeze_ln_f: bool = True,
         memory_budget: int | None = None,
         compile: bool = False,
+        memory_limit: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.batch_size = batch_size
         self.progress = progress
         self.freeze_ln_f = freeze_ln_f
         self.memory_budget = memory_budget
+        self.memory_limit = memory_limit  # bytes a query may add (None: what the machine has left)
         self.compiled = CompiledPasses(loaded) if compile else None
         self.weights = Weights(loaded.model, loaded.saes)
 
@@ -158,6 +170,23 @@ class Engine:
         budget = self.memory_budget or default_budget(self.loaded.device)
         return batch_size_for(self.estimate_memory(plan, prompts), budget, pairs=pairs)
 
+    def admit(self, plan: NodePlan, prompts: Sequence[PromptRow], batch_size: int) -> int:
+        """Memory admission (memory.py): the batch size to run with, or a TdbqlError before any work."""
+        lengths = [len(ids) for ids in encode_prompts(self.loaded, prompts)]
+        memory = with_results(estimate_memory(self.loaded, plan, max(lengths, default=1)), self.loaded, plan,
+                              lengths, [p.prompt_id for p in prompts])
+        auto, device = not self.batch_size, self.loaded.device
+        batch_size = min(batch_size, max(len(prompts), 1))  # batches never hold more than the prompt set
+        if self.memory_limit:
+            return admit(memory, batch_size, limit=self.memory_limit, source="of memory_limit", auto=auto,
+                         pairs=plan.pairs)
+        if device.type == "cuda":  # the batches on the device, the results on the host
+            host, source = available_memory(torch.device("cpu"))
+            admit(replace(memory, per_prompt=0), batch_size, limit=host, source=source, auto=False)
+            memory = replace(memory, sink=0, stored=0, result_rows=0)
+        limit, source = available_memory(device)
+        return admit(memory, batch_size, limit=limit, source=source, auto=auto, pairs=plan.pairs)
+
     # -- interventions: ablations, and the patch clause's prompt pairs --
 
     def interventions(self, bound: BoundQuery, prompts: Sequence[PromptRow], *,
@@ -184,7 +213,7 @@ class Engine:
         plan = self.plan(bound, rows)
         rows = paired_rows(plan, rows)
         query = plan.query
-        batch_size = self.plan_batch_size(plan, rows)
+        batch_size = self.admit(plan, rows, self.plan_batch_size(plan, rows))
         sink = SelectSink() if query.mode == "select" else TopKSink(
             query.k, plan.scalars[0], bottom=query.mode == "bottomk", by=tuple(query.by))
         over = OverPromptsSink(query.over_prompts, plan.relative_positions) if query.over_prompts else None

@@ -286,6 +286,7 @@ _SETTING_LIST = (
     SettingDef("device", "text", "torch device of the model (cpu, cuda, cuda:1)"),
     SettingDef("dtype", "choice", "the model's dtype", DTYPES),
     SettingDef("freeze_ln_f", "switch", "detach the final norm's scale in backward passes (TDB's choice)"),
+    SettingDef("memory_limit", "text", "memory a query may use beyond what the session holds ('8GB'; auto: what is left)"),
 )
 SETTINGS: dict[str, SettingDef] = {s.name: s for s in _SETTING_LIST}
 

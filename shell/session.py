@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ..grammar.parse import parse
 from ..query.bind import bind, bind_query, needs_model
-from ..query.checks import Checks
+from ..query.checks import Checks, parse_size
 from ..query.context import NOTE_KEY, ModelInfo, PromptRow
 from ..query.errors import TdbqlError
 from ..query.plan import (
@@ -101,6 +101,7 @@ class Settings:
     dtype: str = "fp32"
     freeze_ln_f: bool = True  # detach the final layer-norm scale in backward passes (TDB's choice)
     compile: bool = False  # node queries through torch.compile (executor/compiled.py)
+    memory_limit: int | None = None  # bytes a query may add; None: what the machine has left
 
 
 class Session:
@@ -371,7 +372,9 @@ class Session:
     def _run_set(self, stmt: SetStmt, result: StatementResult, source_name) -> StatementResult:
         """A bound `set` (query/bind.py checked the name and the value)."""
         name, value = stmt.name, None if stmt.value == "auto" else stmt.value
-        if name in ("device", "dtype") and self._loaded is not None:
+        if name == "memory_limit":
+            self.settings.memory_limit = None if value is None else parse_size(value)
+        elif name in ("device", "dtype") and self._loaded is not None:
             self._load(self.model_name, **{name: value})
         else:
             setattr(self.settings, name, value)
@@ -416,10 +419,11 @@ class Session:
         # the autoencoder objects themselves (not ids): holding them keeps their ids from being reused
         settings = self.settings
         key = (loaded, tuple(loaded.saes.items()), settings.batch_size, self.progress, settings.freeze_ln_f,
-               settings.compile)
+               settings.compile, settings.memory_limit)
         if self._engine_cache is None or not _same_key(self._engine_cache[0], key):
             engine = Engine(loaded, batch_size=settings.batch_size, progress=self.progress,
-                            freeze_ln_f=settings.freeze_ln_f, compile=settings.compile)
+                            freeze_ln_f=settings.freeze_ln_f, compile=settings.compile,
+                            memory_limit=settings.memory_limit)
             self._engine_cache = (key, engine)
         return self._engine_cache[1]
 
