@@ -11,11 +11,12 @@ model query), one table per model query (`as name`, else q1, q2, ...; routes giv
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -51,19 +52,6 @@ from .prompts import (
     resolve_path,
     tokens_table,
 )
-from .text import (
-    SQL_ROW_COUNT_WORDS,
-    SQL_ROW_RESULT_WORDS,
-    describe_model,
-    duckdb_message,
-    first_word,
-    is_interrupt,
-    locate,
-    parse_prefix,
-    quote_ident,
-    substitute_params,
-    with_source,
-)
 from .tables import (
     PROMPT_TABLES,
     QUERIES_DDL,
@@ -75,8 +63,22 @@ from .tables import (
     store_all,
     table_names,
 )
+from .text import (
+    SQL_ROW_COUNT_WORDS,
+    SQL_ROW_RESULT_WORDS,
+    describe_model,
+    duckdb_message,
+    first_word,
+    is_interrupt,
+    locate,
+    parse_prefix,
+    substitute_params,
+    with_source,
+)
 
 ProgressFn = Callable[[int, int], None]
+NotifyFn = Callable[[str], None]
+SLOW_LOAD_S = 0.5  # a model load that takes longer than this is announced, then timed
 
 
 @dataclass
@@ -109,18 +111,21 @@ class Session:
 
     `db` None is an in-memory database; a path is a DuckDB file that keeps tables (and the prompt
     set) between sessions. `params` fill `$name` in statements; `progress(done, total)` is called
-    per batch; `safe` turns off DuckDB's file and network access.
+    per batch; `notify(line)` gets status lines while work runs (a model load over half a second:
+    "loading model ..." when it passes that mark, then its time); `safe` turns off DuckDB's file and
+    network access.
     """
 
     def __init__(self, model: str = "default", db: str | None = None, *, device: str = "cpu",
                  dtype: str = "fp32", safe: bool = False, params: dict[str, str] | None = None,
                  progress: ProgressFn | None = None, batch_size: int | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, notify: NotifyFn | None = None) -> None:
         self.model_name = self.cli_model = model  # --model: the user's own choice, allowed under --safe
         self.db = db
         self.safe = safe
         self.params = dict(params or {})
         self.progress = progress
+        self.notify = notify
         self.settings = Settings(batch_size=batch_size, device=device, dtype=dtype, compile=compile)
         self.prompts: list[PromptRow] = []
         self.loss: Loss | None = None
@@ -200,8 +205,9 @@ class Session:
         from ..executor.runtime.loading import load_model
 
         dtype, device = dtype or self.settings.dtype, device or self.settings.device
-        self._loaded = load_model(name, dtype=dtype, device=device, offline=self.safe,
-                                  local=not self.safe or name == self.cli_model)
+        with announced(self.notify, f"loading model {name} ({dtype}, {device}) ...", f"model {name} loaded"):
+            self._loaded = load_model(name, dtype=dtype, device=device, offline=self.safe,
+                                      local=not self.safe or name == self.cli_model)
         use_threads_for(self._loaded)
         self.model_name, self.settings.dtype, self.settings.device = name, dtype, device
         if self.prompts:
@@ -470,6 +476,34 @@ class Session:
         return f"q{n}"
 
 # --- helpers (pure) ------------------------------------------------------------------------------
+
+
+@contextmanager
+def announced(notify: NotifyFn | None, start: str, done: str) -> Iterator[None]:
+    """Run the block; if it is still running after SLOW_LOAD_S, `notify(start)`, and when it ends,
+    `notify(f"{done} in N s")`. Without `notify`, just run it."""
+    if notify is None:
+        yield
+        return
+    began, lock, shown = time.perf_counter(), threading.Lock(), []
+
+    def announce() -> None:
+        with lock:
+            if not shown:
+                shown.append(True)
+                notify(start)
+
+    timer = threading.Timer(SLOW_LOAD_S, announce)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            timer.cancel()
+            shown.append(False)  # from here on the timer shows nothing
+            if shown[0]:
+                notify(f"{done} in {time.perf_counter() - began:.1f} s")
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
