@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = Session(model=args.model, db=args.db, device=args.device, dtype=args.dtype, safe=args.safe,
                           params=params, batch_size=args.batch_size, compile=args.compile,
-                          progress=ProgressBar(enabled=sys.stderr.isatty()))
+                          progress=ProgressBar(enabled=sys.stderr.isatty()), notify=_status_on_terminal())
     except TdbqlError as err:
         return report(err, args.debug)
     try:
@@ -129,6 +129,13 @@ def _scripts(args) -> list[tuple[str, str]]:
     if args.scripts:
         return args.scripts
     return [("stdin", sys.stdin.read())]
+
+
+def _status_on_terminal():
+    """Status lines while work runs (a slow model load), on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda line: print(line, file=sys.stderr, flush=True)
 
 
 def run_scripts(session: Session, scripts: list[tuple[str, str]], args) -> int:
