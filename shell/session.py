@@ -11,10 +11,8 @@ model query), one table per model query (`as name`, else q1, q2, ...; routes giv
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -43,6 +41,7 @@ from ..query.plan import (
     SqlStmt,
     TargetStmt,
 )
+from .announce import NotifyFn, announced
 from .prompts import (
     describe_loss,
     prompt_rows,
@@ -77,8 +76,6 @@ from .text import (
 )
 
 ProgressFn = Callable[[int, int], None]
-NotifyFn = Callable[[str], None]
-SLOW_LOAD_S = 0.5  # a model load that takes longer than this is announced, then timed
 
 
 @dataclass
@@ -476,34 +473,6 @@ class Session:
         return f"q{n}"
 
 # --- helpers (pure) ------------------------------------------------------------------------------
-
-
-@contextmanager
-def announced(notify: NotifyFn | None, start: str, done: str) -> Iterator[None]:
-    """Run the block; if it is still running after SLOW_LOAD_S, `notify(start)`, and when it ends,
-    `notify(f"{done} in N s")`. Without `notify`, just run it."""
-    if notify is None:
-        yield
-        return
-    began, lock, shown = time.perf_counter(), threading.Lock(), []
-
-    def announce() -> None:
-        with lock:
-            if not shown:
-                shown.append(True)
-                notify(start)
-
-    timer = threading.Timer(SLOW_LOAD_S, announce)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        with lock:
-            timer.cancel()
-            shown.append(False)  # from here on the timer shows nothing
-            if shown[0]:
-                notify(f"{done} in {time.perf_counter() - began:.1f} s")
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
