@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..query.catalog import DTYPES
 from ..query.errors import TdbqlError
+from .commands import write_page
 from .format import FORMATS, HUMAN_FORMATS, MAX_ROWS_LIMIT, ProgressBar
 from .meta import ShellState, emit, read_script_file, run_items
 from .output import open_sink
@@ -75,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--safe", action="store_true",
                         help="for scripts you did not write: no file or network access from SQL (DuckDB "
                              "enable_external_access=false), no prompt files, no model or autoencoder "
-                             "paths, no .read/.output/.plot")
+                             "paths, no .read/.output/.plot/.html")
+    parser.add_argument("--html", metavar="FILE.html",
+                        help="after a -c/-f/stdin run, write the last result as a self-contained HTML page "
+                             "(as .html does: a route graph, attention heatmaps or a sortable table)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"tdbql {package_version()}")
     return parser
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = parse_params(parser, args.params)
     interactive = not args.scripts and sys.stdin.isatty()
+    if interactive and args.html:
+        parser.error("--html writes the last result of a -c, -f or stdin run; in the shell, use .html")
     try:
         session = Session(model=args.model, db=args.db, device=args.device, dtype=args.dtype, safe=args.safe,
                           params=params, batch_size=args.batch_size, compile=args.compile,
@@ -152,6 +158,8 @@ def run_scripts(session: Session, scripts: list[tuple[str, str]], args) -> int:
                 emit(state, shown)
             if state.quit:
                 break
+        if args.html:
+            emit(state, write_page(state, "_", args.html))
     except TdbqlError as err:
         return report(err, args.debug)
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import webbrowser
 from pathlib import Path
 
 import pyarrow as pa
@@ -272,6 +273,49 @@ def _input_tokens(state: ShellState) -> dict[tuple[int, int], str]:
         return {}
     rows = state.session.con.sql("SELECT prompt_id, position, token FROM tokens").fetchall()
     return {(p, t): token for p, t, token in rows}
+
+
+# --- pages -------------------------------------------------------------------------------------------
+
+HTML_USAGE = ".html [TABLE] [FILE.html]"
+
+
+@meta_command(".html", HTML_USAGE, "Write a table (default _) as one self-contained HTML page: a route graph, "
+              "attention heatmaps or a sortable table; no FILE in the REPL: open it in the browser.",
+              arguments=("table", "file"))
+def _html(state: ShellState, args: list[str]) -> Shown:
+    return write_page(state, *html_arguments(args))
+
+
+def write_page(state: ShellState, name: str, file: str | None) -> Shown:
+    """`.html` and `tdbql --html FILE`: table `name`'s page to `file` (default NAME.html)."""
+    from .pages import write_html  # imports the executor's schemas: only when a page is written
+
+    _refuse_files_when_safe(state, ".html")
+    path = Path(file or f"{'last' if name == '_' else name}.html").expanduser()
+    drawn = write_html(state.session, name, path)
+    opened = file is None and state.open_pages and open_in_browser(path)
+    return Shown(status=f"wrote {path} ({drawn})" + ("; opened in the browser" if opened else ""))
+
+
+def html_arguments(args: list[str]) -> tuple[str, str | None]:
+    """(table, file): a lone argument ending in .html/.htm is the file."""
+    _expect(args, 2, HTML_USAGE)
+    if len(args) == 2:
+        return args[0], args[1]
+    if args and Path(args[0]).suffix.lower() in (".html", ".htm"):
+        return "_", args[0]
+    return (args[0] if args else "_"), None
+
+
+def open_in_browser(path: Path) -> bool:
+    """Open a page in the default graphical browser, if there is one (a console browser such as
+    lynx would take over the terminal, so it does not count)."""
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        return False
+    return type(browser) is not webbrowser.GenericBrowser and browser.open(path.resolve().as_uri())
 
 
 def plot_options(args: list[str]) -> dict[str, str]:

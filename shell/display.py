@@ -79,6 +79,41 @@ def python_values(column: pa.ChunkedArray | pa.Array) -> list:
         return [_scalar_value(scalar) for scalar in column]
 
 
+def unique_names(table: pa.Table) -> pa.Table:
+    """The table with a repeated column name (`select 1 as layer, 2 as layer`) made unique for
+    display as DuckDB's own tables do (`layer`, `layer_1`); columns are looked up by name."""
+    seen: set[str] = set()
+    names = []
+    for name in table.column_names:
+        unique, k = name, 0
+        while unique in seen:
+            k += 1
+            unique = f"{name}_{k}"
+        seen.add(unique)
+        names.append(unique)
+    return table if names == table.column_names else table.rename_columns(names)
+
+
+def _head(table: pa.Table, max_rows: int | None) -> pa.Table:
+    return unique_names(table if max_rows is None else table.slice(0, max_rows))
+
+
+def rows_of(table: pa.Table) -> list[dict]:
+    table = unique_names(table)
+    columns = {name: python_values(table.column(name)) for name in table.column_names}
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def first_prompt(rows: list[dict]) -> tuple[list[dict], str]:
+    """The rows of the first prompt, and a note naming it when the table has several."""
+    prompts = sorted({r.get("prompt_id") for r in rows}, key=lambda p: (p is None, p))
+    if len(prompts) <= 1:
+        return rows, "" if prompts[0] is None else f"prompt {prompts[0]}"
+    chosen = prompts[0]
+    kept = [r for r in rows if r.get("prompt_id") == chosen]
+    return kept, f"prompt {chosen} (1 of {len(prompts)} prompts; filter with SQL for another)"
+
+
 def _scalar_value(scalar: pa.Scalar) -> object:
     try:
         return scalar.as_py()
@@ -237,7 +272,7 @@ def footer(total: int, hidden_rows: int, hidden_columns: Sequence[str] = (), all
 
 
 def table_text(table: pa.Table, *, max_rows: int | None, width: int | None) -> str:
-    shown = table if max_rows is None else table.slice(0, max_rows)
+    shown = _head(table, max_rows)
     columns, all_null = display_columns(shown)
     columns, hidden = fit(columns, width)
     lines = grid_lines(columns) if table.num_columns else []
@@ -246,14 +281,14 @@ def table_text(table: pa.Table, *, max_rows: int | None, width: int | None) -> s
 
 def fits(table: pa.Table, *, max_rows: int | None, width: int | None) -> bool:
     """Whether the table mode shows every column within `width`."""
-    shown = table if max_rows is None else table.slice(0, max_rows)
+    shown = _head(table, max_rows)
     kept, hidden = fit(display_columns(shown)[0], width)
     return not hidden and (width is None or _total(kept) <= width)
 
 
 def line_text(table: pa.Table, *, max_rows: int | None) -> str:
     """One `name = value` line per column, a header per row (sqlite's .mode line, psql's \\x)."""
-    shown = table if max_rows is None else table.slice(0, max_rows)
+    shown = _head(table, max_rows)
     names = shown.column_names
     values = [python_values(shown.column(n)) for n in names]
     pad = max((len(n) for n in names), default=0)

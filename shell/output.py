@@ -67,6 +67,7 @@ class ShellState:
     expanded: str = "off"  # on, off or auto (\x): the table mode shown as lines
     quit: bool = False
     last_plot: Path | None = None
+    open_pages: bool = False  # `.html` without a file opens the page in the browser (the REPL)
 
     def render(self, table: pa.Table, mode: str | None = None, width: int | None = None) -> str:
         mode = mode or self.mode

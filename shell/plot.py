@@ -9,7 +9,9 @@ The table's kind picks the picture (`choose_kind`), unless `--kind` names one:
 - `patching` (columns layer, position, recovered): layer x position heatmap of `recovered`;
 - `layers` (layer and position without units): layer x position heatmap of the value;
 - `routes` (route edges): bars of `weight`;
-- `bars`: ranked rows as bars labelled with compact node ids (mixed node tables, logits).
+- `bars`: ranked rows as bars labelled with compact node ids (mixed node tables, logits);
+- `graph` (only asked for, `--kind graph`): a routes edges table as the route graph the `.html`
+  page draws (token columns, layer rows, line width by weight).
 Colour maps diverge around 0 (TwoSlopeNorm) only when the values take both signs. A table with
 several prompts draws the first and says so in the title.
 """
@@ -24,9 +26,9 @@ import pyarrow as pa
 from ..query.errors import TdbqlError
 from .display import KEY_COLUMNS, python_values
 
-PLOT_KINDS: tuple[str, ...] = ("lens", "heads", "attention", "patching", "layers", "routes", "bars")
+PLOT_KINDS: tuple[str, ...] = ("lens", "heads", "attention", "patching", "layers", "routes", "bars", "graph")
 HEAD_COMPONENTS = frozenset({"head", "attn"})
-DEFAULT_VALUES = {"lens": "prob", "patching": "recovered", "routes": "weight"}
+DEFAULT_VALUES = {"lens": "prob", "patching": "recovered", "routes": "weight", "graph": "weight"}
 NOT_VALUES = KEY_COLUMNS | {"n_tokens", "corrupt_n_tokens"}
 
 

@@ -19,7 +19,8 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from ..query.errors import TdbqlError
-from .display import python_values
+from .display import first_prompt, rows_of
+from .pages import graph
 
 MAX_BARS = 30
 MAX_PANELS = 16
@@ -36,21 +37,6 @@ class Context:
 
 
 # --- rows, prompts, labels ---------------------------------------------------------------------------
-
-
-def rows_of(table: pa.Table) -> list[dict]:
-    columns = {name: python_values(table.column(name)) for name in table.column_names}
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
-
-
-def first_prompt(rows: list[dict]) -> tuple[list[dict], str]:
-    """The rows of the first prompt, and a note naming it when the table has several."""
-    prompts = sorted({r.get("prompt_id") for r in rows}, key=lambda p: (p is None, p))
-    if len(prompts) <= 1:
-        return rows, "" if prompts[0] is None else f"prompt {prompts[0]}"
-    chosen = prompts[0]
-    kept = [r for r in rows if r.get("prompt_id") == chosen]
-    return kept, f"prompt {chosen} (1 of {len(prompts)} prompts; filter with SQL for another)"
 
 
 def token_label(token: str | None) -> str:
@@ -349,6 +335,33 @@ def draw_routes(table: pa.Table, context: Context):
     return bars(rows, context, label, prompt_note)
 
 
+def draw_graph(table: pa.Table, context: Context):
+    """The route graph as the `.html` page lays it out (pages/graph.py), line width by weight."""
+    if not graph.EDGE_COLUMNS <= set(table.column_names):
+        raise TdbqlError("the graph kind draws a routes edges table (route_edges)")
+    rows = rows_of(table)
+    prompt = min(r["prompt_id"] for r in rows)
+    tokens = {position: token for (p, position), token in context.input_tokens.items() if p == prompt}
+    drawn = graph.route_graph(rows, None, tokens)
+    figure = new_figure(0.7 * max(len(drawn.tokens), 4) + 2, 0.55 * (2 * drawn.n_layers + 1) + 1.5)
+    ax = figure.subplots()
+    for edge in reversed(drawn.edges):  # the strongest on top
+        ax.plot(edge.xs, edge.ys, color=graph.COLOURS[edge.kind], linewidth=0.6 * graph.edge_width(edge.weight),
+                alpha=graph.edge_opacity(edge.weight), solid_capstyle="round", zorder=1)
+    ax.scatter([n.x for n in drawn.nodes], [n.y for n in drawn.nodes], s=30, zorder=2, edgecolors="white",
+               c=[graph.NODE_COLOURS[n.kind] for n in drawn.nodes])
+    xs, _ = graph.column_labels(drawn)
+    ax.set_xticks(xs, [token_label(drawn.tokens[x]) for x in xs], rotation=60, ha="right", fontsize=7)
+    ys, y_labels = graph.row_labels(drawn.n_layers)
+    ax.set_yticks(ys, y_labels, fontsize=7)
+    ax.set_xlabel("position (input token)")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    note = join_notes(drawn.note, f"{len(drawn.nodes)} nodes, {len(drawn.edges)} edges")
+    set_title(ax, f"{context.title}: route graph (attention blue, MLP orange, residual grey)", note)
+    return figure, note
+
+
 DRAW = {
     "lens": draw_lens,
     "heads": draw_heads,
@@ -357,4 +370,5 @@ DRAW = {
     "layers": lambda table, context: draw_position_grid(table, context, token_key="token", how="sum"),
     "routes": draw_routes,
     "bars": draw_bars,
+    "graph": draw_graph,
 }

@@ -254,7 +254,7 @@ def build_prompt(session: Session, catalog: Catalog) -> PromptSession:
 def run_repl(session: Session, *, mode: str = "table", debug: bool = False, output: str | None = None) -> int:
     # A parent that ignores SIGINT (some launchers do) would leave Ctrl-C dead in here.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    state = ShellState(session=session, mode=mode)
+    state = ShellState(session=session, mode=mode, open_pages=True)
     if output:
         state.output = open_sink(Path(output).expanduser())
     catalog = Catalog(session)

@@ -166,7 +166,7 @@ def meta_at_end(text: str) -> list[str]:
         (".help .pl", [".plot"]),
         (".plot ", ["prompts", "q1", "tokens", "--kind", "--value", "--to"]),
         (".plot q1 ", ["--kind", "--value", "--to"]),
-        (".plot q1 --kind ", ["lens", "heads", "attention", "patching", "layers", "routes", "bars"]),
+        (".plot q1 --kind ", ["lens", "heads", "attention", "patching", "layers", "routes", "bars", "graph"]),
         (".plot q1 --value ", ["layer", "unit", "act"]),
         (".plot q1 --to ", FILES),
         (".plot q1 --kind bars --to n", ["notes.txt"]),

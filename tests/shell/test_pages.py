@@ -1,0 +1,196 @@
+"""`.html` pages for the embedded model's IOI prompt: what the page builders put on the page
+(pure, no browser), the meta-command and `--html`, and the live pages in headless Chromium
+(tests/shell/test_pages_browser.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from tdbql.query.errors import TdbqlError
+from tdbql.shell.display import rows_of
+from tdbql.shell.meta import ShellState, run_script
+from tdbql.shell.pages import choose_page, graph, route_graph_of, write_html
+from tdbql.shell.pages.page import PLOTLY_MISSING
+from tdbql.shell.pages.sources import read_table
+from tdbql.shell.plot import draw
+from tdbql.shell.session import Session
+
+IOI = "When Mary and John went to the store, John gave a drink to"
+SETUP = f"""prompt "{IOI}"
+target " Mary" vs " John"
+routes threshold 0.04
+logit_lens topk 3 as lens
+select act of attn where layer = 1 as pattern
+topk 8 direct_effect of head where token = -1 as heads
+"""
+
+
+@pytest.fixture(scope="module")
+def model_name(tiny_model_dir) -> str:
+    from tdbql.executor.runtime.loading import DEFAULT_MODEL_DIR
+
+    return "default" if (DEFAULT_MODEL_DIR / "config.json").exists() else str(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def session(model_name):
+    session = Session(model=model_name)
+    session.execute(SETUP)
+    yield session
+    session.close()
+
+
+def sql(session: Session, text: str) -> list[tuple]:
+    return session.con.sql(text).fetchall()
+
+
+def test_each_table_gets_its_page(session):
+    kinds = {name: choose_page(read_table(session, name))
+             for name in ("route_edges", "route_nodes", "pattern", "heads", "lens", "tokens")}
+    assert kinds == {"route_edges": "graph", "route_nodes": "graph", "pattern": "attention", "heads": "ranked",
+                     "lens": "ranked", "tokens": "ranked"}
+
+
+def test_the_graph_has_a_node_per_route_node_and_a_line_per_route_edge(session):
+    drawn = route_graph_of(session, "route_edges", read_table(session, "route_edges"))
+    assert {(n.layer, n.kind, n.position) for n in drawn.nodes} == set(
+        sql(session, "SELECT layer, kind, position FROM route_nodes"))
+    assert sorted((e.layer, e.kind, e.head, e.src, e.dst) for e in drawn.edges) == sorted(
+        sql(session, "SELECT layer, kind, head, src_position, dst_position FROM route_edges"))
+    assert drawn.threshold == 0.04 and min(e.weight for e in drawn.edges) > 0.04
+    at = {(n.layer, n.kind, n.position): (n.x, n.y) for n in drawn.nodes}
+    for edge, row in zip(drawn.edges, sorted(rows_of(read_table(session, "route_edges")), key=lambda r: -r["weight"])):
+        first, *_, last = graph.endpoints(row)
+        assert (edge.xs[0], edge.ys[0]) == pytest.approx(at[first]) and (edge.xs[-1], edge.ys[-1]) == pytest.approx(
+            at[last])
+    tokens = dict(sql(session, "SELECT position, token FROM tokens"))
+    assert all(n.token == tokens[n.position] for n in drawn.nodes)
+
+
+def test_a_node_shows_what_the_lens_says_it_promotes(session):
+    drawn = route_graph_of(session, "route_edges", read_table(session, "route_edges"))
+    top = dict(((layer, position), tokens) for layer, position, tokens in sql(
+        session, "SELECT layer, position, list(token ORDER BY rank) FROM lens WHERE prompt_id = 0 GROUP BY ALL"))
+    outs = [n for n in drawn.nodes if n.kind == "resid.post"]
+    assert outs and all(n.top == tuple(top[(n.layer, n.position)]) for n in outs)
+    assert all(n.top == () for n in drawn.nodes if n.kind == "mlp")
+    assert "promotes" in graph.node_text(outs[0])
+
+
+def test_a_head_edge_carries_the_heads_attention_row(session):
+    drawn = route_graph_of(session, "route_edges", read_table(session, "route_edges"))
+    heads = {(e.layer, e.head, e.dst) for e in drawn.edges if e.kind == "attn"}
+    assert set(drawn.attention) == {f"{layer},{head},{query}" for layer, head, query in heads}
+    layer, head, query = max(heads)
+    row = drawn.attention[f"{layer},{head},{query}"]
+    session.execute(f"select act of attn where layer = {layer} and head = {head} and token = {query} as one_row")
+    assert row == pytest.approx([a for (a,) in sql(session, "SELECT act FROM one_row ORDER BY attended")], abs=1e-6)
+    assert sum(row) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_attention_page_has_a_heatmap_per_head(session, tmp_path):
+    from tdbql.shell.pages import attention
+
+    data = attention.page_data(read_table(session, "pattern"), {})
+    info = session.loaded.info()
+    n = len(session.loaded.encode(IOI))
+    assert [h["label"] for h in data["heads"]] == [f"layer 1 head {h}" for h in range(info.n_heads)]
+    for head in data["heads"]:
+        assert (head["y"], head["x"]) == (list(range(n)), list(range(n)))
+        assert all(sum(v for v in row if v is not None) == pytest.approx(1.0, abs=1e-5) for row in head["z"])
+        assert all(row[k] is None for q, row in enumerate(head["z"]) for k in range(q + 1, n))  # causal
+
+
+def test_pages_are_self_contained(session, tmp_path):
+    for name in ("route_edges", "pattern", "heads"):
+        text = (tmp_path / f"{name}.html").read_text() if write_html(session, name, tmp_path / f"{name}.html") \
+            else ""
+        assert "<script src" not in text and "<link" not in text and "</script>" in text
+    assert "Plotly" in (tmp_path / "route_edges.html").read_text()
+    assert "Plotly" not in (tmp_path / "heads.html").read_text()  # a table needs no plotting library
+
+
+def test_the_meta_command_writes_the_page_and_says_what(session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = ShellState(session=session)
+    shown = list(run_script(state, ".html route_edges\n.html pattern page.html\n.html heads\n.html last.htm\n.html"))
+    statuses = shown
+    assert statuses[0].startswith("wrote route_edges.html (graph: prompt 0; threshold 0.04;")
+    assert statuses[1].startswith("wrote page.html (attention:")
+    assert statuses[2] == "wrote heads.html (ranked: 8 rows)"
+    assert statuses[3].startswith("wrote last.htm (") and statuses[4].startswith("wrote last.html (")  # `_`
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("route_edges.html", "page.html", "last.htm", "last.html"))
+
+
+def test_the_repl_opens_a_page_without_a_file_in_the_browser(session, tmp_path, monkeypatch):
+    import webbrowser
+
+    monkeypatch.chdir(tmp_path)
+    opened = []
+
+    class Browser(webbrowser.BackgroundBrowser):
+        def open(self, url, new=0, autoraise=True):
+            opened.append(url)
+            return True
+
+    monkeypatch.setattr(webbrowser, "get", lambda: Browser("x"))
+    state = ShellState(session=session, open_pages=True)
+    [with_browser, with_file] = [s for s in run_script(state, ".html heads\n.html heads h.html")]
+    assert with_browser.endswith("; opened in the browser") and opened == [(tmp_path / "heads.html").as_uri()]
+    assert not with_file.endswith("browser") and len(opened) == 1
+    monkeypatch.setattr(webbrowser, "get", lambda: webbrowser.GenericBrowser("lynx"))  # a console browser
+    [without] = [s for s in run_script(state, ".html heads")]
+    assert without == "wrote heads.html (ranked: 8 rows)" and len(opened) == 1
+
+
+@pytest.mark.parametrize(("script", "message"), [
+    (".html nowhere", "no table 'nowhere' to draw"),
+    (".html a b c", "too many arguments; usage: .html [TABLE] [FILE.html]"),
+    (".html heads /no/such/folder/p.html", "cannot write '/no/such/folder/p.html': No such file or directory"),
+    ("create table empty_t as select 1 as x where false;\n.html empty_t", "nothing to draw: table 'empty_t' is empty"),
+])
+def test_bad_input_is_refused_clearly(session, script, message):
+    with pytest.raises(TdbqlError) as err:
+        list(run_script(ShellState(session=session), script))
+    assert err.value.message == message
+
+
+def test_safe_mode_refuses_html(model_name):
+    session = Session(model=model_name, safe=True)
+    with pytest.raises(TdbqlError, match=r"\.html is disabled in --safe mode"):
+        list(run_script(ShellState(session=session), ".html"))
+    session.close()
+
+
+def test_without_plotly_the_error_says_how_to_install_it(session, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "plotly.offline", None)
+    with pytest.raises(TdbqlError) as err:
+        write_html(session, "route_edges", tmp_path / "g.html")
+    assert err.value.message == PLOTLY_MISSING and "pip install -e '.[html]'" in PLOTLY_MISSING
+    assert write_html(session, "heads", tmp_path / "t.html") == "ranked: 8 rows"  # tables need no plotly
+
+
+def test_plot_kind_graph_draws_the_same_graph(session):
+    edges = read_table(session, "route_edges")
+    tokens = {(p, t): tok for p, t, tok in sql(session, "SELECT prompt_id, position, token FROM tokens")}
+    picture = draw(edges, kind="graph", title="route_edges", input_tokens=tokens)
+    [ax] = picture.figure.axes
+    assert len(ax.lines) == edges.num_rows
+    assert len(ax.collections[0].get_offsets()) == sql(session, "SELECT count(*) FROM route_nodes")[0][0]
+    assert [t.get_text() for t in ax.get_yticklabels()][:3] == ["embed", "L0 after attn", "L0 out"]
+    with pytest.raises(TdbqlError, match="routes edges table"):
+        draw(read_table(session, "heads"), kind="graph")
+
+
+def test_the_cli_writes_the_last_result_with_html(model_name, tdbql_bin, cli_env, tmp_path):
+    program = f'prompt "{IOI}"\nroutes threshold 0.04'
+    proc = subprocess.run([tdbql_bin, "--model", model_name, "-c", program, "--html", "g.html"], cwd=tmp_path,
+                          env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote g.html (graph: prompt 0; threshold 0.04;" in proc.stdout
+    assert "Plotly.newPlot" in (tmp_path / "g.html").read_text()
+    safe = subprocess.run([tdbql_bin, "--safe", "--model", model_name, "-c", program, "--html", "s.html"],
+                          cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert safe.returncode == 1 and "disabled in --safe mode" in safe.stderr and not (tmp_path / "s.html").exists()
