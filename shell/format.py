@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from ..query.errors import TdbqlError
-from .display import format_cell, line_text, python_values, table_text, token_text
+from .display import format_cell, line_text, python_values, table_text, token_text, unique_names
 
 FORMATS: tuple[str, ...] = ("table", "line", "csv", "json", "jsonl", "markdown", "parquet")
 HUMAN_FORMATS = frozenset({"table", "line"})
@@ -99,7 +99,7 @@ def _json_safe(value: object) -> object:
 
 def _records(table: pa.Table) -> list[dict]:
     """Row objects (duckdb's `.mode json`); NaN and inf become null."""
-    names = table.column_names
+    names = unique_names(table).column_names  # a repeated name would lose a column
     return [{n: _json_safe(v) for n, v in zip(names, row)} for row in zip(*_columns(table))]
 
 

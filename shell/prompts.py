@@ -7,6 +7,7 @@ overrides the session `target`) and `corrupt` (the corrupted prompt of the pair,
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ PROMPT_COLUMNS: tuple[str, ...] = TEXT_COLUMNS + OPTIONAL_COLUMNS
 
 def read_prompt_file(path: Path) -> list[PromptRow]:
     """Read a prompt file into rows; raises TdbqlError for a missing file or bad columns."""
-    if not path.exists():
+    if not os.path.exists(path):  # os.path: a name too long or holding NUL is simply not there
         raise TdbqlError(f"prompt file not found: '{path}'")
     suffix = path.suffix.lower()
     if suffix not in PROMPT_FILE_SUFFIXES:
@@ -97,7 +98,7 @@ def resolve_path(path: str, source_name: str | None) -> Path:
     candidate = Path(path).expanduser()
     if not candidate.is_absolute() and source_name:
         beside = Path(source_name).parent / candidate
-        if beside.exists():
+        if os.path.exists(beside):
             return beside
     return candidate
 

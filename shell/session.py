@@ -11,6 +11,7 @@ model query), one table per model query (`as name`, else q1, q2, ...; routes giv
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -311,7 +312,7 @@ class Session:
         name = stmt.name
         if name != "default" and not self.safe:  # `default` is always the embedded model (./default a folder)
             local = resolve_path(name, source_name)
-            name = str(local) if local.exists() else name
+            name = str(local) if os.path.exists(local) else name
         self._load(name, dtype=stmt.dtype or self.settings.dtype, device=stmt.device or self.settings.device)
         result.message = describe_model(self._loaded.info(), self.settings)
         return result

@@ -206,3 +206,11 @@ def test_infinite_timestamps_and_dates_render():
                                        ("a.parquet", "parquet"), ("a.md", "markdown"), ("a.txt", None), ("a", None)])
 def test_the_extension_picks_the_format(name, fmt):
     assert format_for_path(Path(name)) == fmt
+
+
+def test_a_repeated_column_name_keeps_both_columns_in_every_mode():
+    table = pa.table([pa.array([1]), pa.array([2])], names=["layer", "layer"])
+    assert format_table(table).splitlines()[0].split() == ["layer", "layer_1"]
+    assert json.loads(format_table(table, "json")) == [{"layer": 1, "layer_1": 2}]
+    assert "layer_1 = 2" in format_table(table, "line")
+    assert format_table(table, "csv").splitlines() == ["layer,layer", "1,2"]
