@@ -218,7 +218,7 @@ def _capture_node(loaded, batch, node: NodeRef, add_hooks) -> dict[str, torch.Te
     }
     if node.component not in needs:  # a latent
         needs[node.component] = [f"sae.{COMPONENTS[node.component].site}.latent"]
-    locations = needs[node.component] + [loc for loc in [_write_scale(loaded, node)] if loc is not None]
+    locations = needs[node.component] + _write_scales(loaded, node)
     saved: dict[str, torch.Tensor] = {}
     hooks = batch_hooks(batch, add_hooks)
     for loc in locations:
@@ -227,20 +227,27 @@ def _capture_node(loaded, batch, node: NodeRef, add_hooks) -> dict[str, torch.Te
     return saved
 
 
-def _write_scale(loaded, node: NodeRef) -> str | None:
-    """Post-norm families: the scale dividing a neuron's, head's or MLP latent's write."""
+def _write_scales(loaded, node: NodeRef) -> list[str]:
+    """What divides a unit's write: in post-norm families the post-norm's scale (neurons, heads,
+    MLP latents); for a latent of an autoencoder that normalises its input, its output divisor."""
     if node.index is None or node.component == "block":
-        return None
+        return []
     site = "attn" if node.component == "attn" else "mlp" if node.component in ("mlp", "mlp_sae") else None
-    return None if site is None else loaded.model.write_scale_location(site)
+    post = None if site is None else loaded.model.write_scale_location(site)
+    scales = [] if post is None else [post]
+    ae = loaded.saes.get((COMPONENTS[node.component].site, node.layer)) if node.component not in ("mlp", "attn") else None
+    if ae is not None and ae.normalize != "none" and not ae.transcoder:
+        scales.append(f"sae.{ae.site}.scale")
+    return scales
 
 
 def _node_writes(loaded, node: NodeRef, saved, row, positions, key, raw) -> torch.Tensor:
     """The node's write to the residual stream at each position: [P, d_model] (in post-norm
     families divided by the post-norm's scale at the position; `raw` key writes included)."""
     writes = _unscaled_writes(loaded, node, saved, row, positions, key, raw)
-    scale = _write_scale(loaded, node)
-    return writes if scale is None else writes / saved[scale][row, positions]
+    for scale in _write_scales(loaded, node):
+        writes = writes / saved[scale][row, positions]
+    return writes
 
 
 def _unscaled_writes(loaded, node: NodeRef, saved, row, positions, key, raw) -> torch.Tensor:

@@ -209,7 +209,7 @@ def _jvp_pass(loaded, plan: NodePlan, batch: Batch, edits: Interventions, store:
     hooks = HookSet()
     edits.add(hooks, batch)
     primal: dict[str, torch.Tensor] = {}
-    for location in _write_sources(trace, loaded.model):
+    for location in _write_sources(trace, loaded):
         hooks.add(location, trace.layer, _keep_primal(primal, location))
     for layer in range(n_layers):
         for location in ("ln1.scale", "ln2.scale", "q_norm.scale", "k_norm.scale"):
@@ -268,23 +268,32 @@ def _unscaled_write(loaded, trace: TraceSpec, primal: dict, b, t, batch: Batch, 
         v = primal["attn.v"][b, u, i // group]  # (batch, d_head)
         return primal["attn.probs"][b, i, t, u, None] * (v @ model.W_O(L)[i])
     site = _sae_site(trace)
-    if site == "mlp":
-        z = primal["sae.mlp.latent"][b, t, i, None]
+    ae = loaded.saes[(site, L)]
+    if site in ("mlp", "mlp_tc"):  # the latent hook ran before the write location
+        z, divisor = primal[f"sae.{site}.latent"][b, t, i, None], primal.get(f"sae.{site}.scale")
+        divisor = None if divisor is None else divisor[b, t]
     else:  # the latent hook runs after the write location: encode the input here
-        z = loaded.saes[(site, L)].encode(x[b, t])[:, i, None]
-    return z * loaded.decoder_in_resid(site, L)[i]
+        x_in, norm = ae.normalise(x[b, t])
+        z, divisor = ae.activate(ae._linear(x_in))[:, i, None], None if norm is None else norm.divisor
+    write = z * loaded.decoder_in_resid(site, L)[i]
+    return write if divisor is None else write / divisor  # an autoencoder that normalises its input
 
 
-def _write_sources(trace: TraceSpec, model) -> tuple[str, ...]:
+def _write_sources(trace: TraceSpec, loaded) -> tuple[str, ...]:
     """The forward values the traced node's write is made of (and the post-norm scale dividing
-    it, where the family has one)."""
+    it, where the family has one; an MLP autoencoder's output divisor, where it normalises)."""
     if trace.kind == "mlp":
         sources = ("mlp.post",)
     elif trace.kind == "attn":
         sources = ("attn.v", "attn.probs")
+    elif trace.kind in ("mlp_sae", "mlp_tc"):
+        site = _sae_site(trace)
+        sources = (f"sae.{site}.latent",)
+        if site == "mlp" and loaded.saes[(site, trace.layer)].normalize != "none":
+            sources += ("sae.mlp.scale",)
     else:
-        sources = ("sae.mlp.latent",) if trace.kind == "mlp_sae" else ()
-    post = _write_scale(trace, model)
+        sources = ()
+    post = _write_scale(trace, loaded.model)
     return sources if post is None else sources + (post,)
 
 

@@ -18,7 +18,7 @@ direct effect is 0 otherwise, as in TDB), and whether a node is downstream of a 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 from ..query.catalog import COMPONENTS
@@ -38,7 +38,7 @@ def write_order(kind: str, layer: int | None) -> float:
     site = COMPONENTS[kind].site
     if kind in ("attn", "head") or site == "attn":
         return 3.0 * layer
-    if kind == "mlp" or site == "mlp":
+    if kind == "mlp" or site in ("mlp", "mlp_tc"):
         return 3.0 * layer + 1
     return 3.0 * layer + 2  # resid_sae, resid_sae_error
 
@@ -58,7 +58,7 @@ def node_read_order(kind: str, layer: int, parallel: bool) -> float:
     """Where a node's pre-activation reads the residual stream."""
     if kind in ("attn", "attn_sae"):
         return 3.0 * layer - 0.5
-    if kind in ("mlp", "mlp_sae"):
+    if kind in ("mlp", "mlp_sae", "mlp_tc"):
         return 3.0 * layer + (-0.5 if parallel else 0.5)
     return 3.0 * layer + 1.5  # resid_sae
 
@@ -66,9 +66,11 @@ def node_read_order(kind: str, layer: int, parallel: bool) -> float:
 LOCATION_ORDER = [
     "resid.pre", "ln1.scale", "q_norm.scale", "k_norm.scale", "attn.q", "attn.k", "attn.v", "attn.logits",
     "attn.probs", "attn.z", "ln1_post.scale", "attn.out", "sae.attn.latent", "sae.attn.error", "resid.mid",
-    "ln2.scale", "mlp.pre", "mlp.post", "sae.mlp.latent", "sae.mlp.error", "ln2_post.scale", "mlp.out",
-    "resid.post", "sae.resid.latent", "sae.resid.error",
+    "ln2.scale", "mlp.in", "mlp.pre", "mlp.post", "sae.mlp.scale", "sae.mlp.latent", "sae.mlp.error", "ln2_post.scale",
+    "sae.mlp_tc.latent", "sae.mlp_tc.error", "mlp.out", "resid.post", "sae.resid.scale", "sae.resid.latent",
+    "sae.resid.error",
 ]
+LOCATION_ORDER.insert(LOCATION_ORDER.index("sae.attn.latent"), "sae.attn.scale")
 
 
 def write_scale(kind: str, cfg) -> str | None:
@@ -79,6 +81,17 @@ def write_scale(kind: str, cfg) -> str | None:
     if kind in ("attn", "head"):
         return "ln1_post.scale"
     return "ln2_post.scale" if kind == "mlp" or site == "mlp" else None
+
+
+def write_scales(kind: str, layer: int | None, cfg, saes) -> tuple[str, ...]:
+    """Every scale dividing a node kind's unit writes: the post-norm's, and for the latents of an
+    autoencoder that normalises its input, its output divisor (`saes`: (site, layer) ->
+    autoencoder, or just the keys)."""
+    post = write_scale(kind, cfg)
+    site = COMPONENTS[kind].site if kind != "embed" else None
+    ae = saes.get((site, layer)) if isinstance(saes, Mapping) else None
+    normalised = COMPONENTS[kind].unit == "latent" and getattr(ae, "normalize", "none") != "none" and not ae.transcoder
+    return (*([post] if post else []), *([f"sae.{site}.scale"] if normalised else []))
 
 
 def location_rank(raw: Raw) -> tuple[float, int]:
@@ -211,7 +224,7 @@ def _sites(query: NodeQuery, scalars: tuple[str, ...], g: Raw, trace: TraceSpec 
                 continue
             downstream = trace is not None and _downstream(kind, layer, trace, cfg.parallel_residual)
             site = Site(kind, layer, g=g, upstream=write_order(kind, layer) < read_order(g),
-                        write_scale=write_scale(kind, cfg))
+                        write_scales=write_scales(kind, layer, cfg, saes))
             derivers = tuple((s, deriver(s, kind, downstream=downstream)) for s in scalars)
             if derivers[0][1] is None and (query.mode != "select" or all(d is None for _, d in derivers)):
                 continue  # the ranking scalar is not defined here (select: no scalar is)
@@ -259,9 +272,10 @@ def trace_spec(trace: Trace, cfg, saes: Collection[tuple[str, int]]) -> TraceSpe
         return TraceSpec("attn", L, node.index, node.token, node.key, Raw("attn.logits", L),
                          Raw("resid.pre", L, "bwd"), tuple(detach), "attn.out", via=trace.via)
     site = COMPONENTS[node.component].site
-    read = {"mlp": mlp_read, "attn": Raw("resid.pre", L, "bwd"), "resid": Raw("resid.post", L, "bwd")}[site]
-    detach = {"mlp": (("ln2.scale", L),), "attn": (("ln1.scale", L),), "resid": ()}[site]
-    write = {"mlp": "mlp.out", "attn": "attn.out", "resid": "resid.post"}[site]
+    read = {"mlp": mlp_read, "mlp_tc": mlp_read, "attn": Raw("resid.pre", L, "bwd"),
+            "resid": Raw("resid.post", L, "bwd")}[site]
+    detach = {"mlp": (("ln2.scale", L),), "mlp_tc": (("ln2.scale", L),), "attn": (("ln1.scale", L),), "resid": ()}[site]
+    write = {"mlp": "mlp.out", "mlp_tc": "mlp.out", "attn": "attn.out", "resid": "resid.post"}[site]
     return TraceSpec(node.component, L, node.index, node.token, None, Raw(SAE_INPUT[site], L), read, detach, write)
 
 

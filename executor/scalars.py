@@ -81,7 +81,7 @@ class Site:
     layer: int | None
     g: Raw | None = None
     upstream: bool = True
-    write_scale: str | None = None  # post-norm families: the scale that divides the kind's writes
+    write_scales: tuple[str, ...] = ()  # what divides a unit write: a post-norm's, a normalising SAE's scale
 
     @property
     def sae_site(self) -> str | None:
@@ -104,9 +104,9 @@ class Context:
     def per_write(self, vector: bool = False) -> torch.Tensor | float:
         """What a unit write is multiplied by at each token: 1 / the post-norm's scale, (batch,
         token, 1, 1) or for `vector` (batch, token, 1), in post-norm families; else 1."""
-        if self.site.write_scale is None:
+        if not self.site.write_scales:
             return 1.0
-        inverse = 1.0 / self.raw(self.site.write_scale)
+        inverse = 1.0 / torch.stack([self.raw(loc) for loc in self.site.write_scales]).prod(0)
         return inverse if vector else inverse[..., None]
 
     def part(self, name: str) -> torch.Tensor:
@@ -179,7 +179,7 @@ def _none(s: Site) -> frozenset[Raw]:
 
 def _scaled(needs: Callable[[Site], frozenset[Raw]]) -> Callable[[Site], frozenset[Raw]]:
     """`needs` plus the post-norm scale a write is divided by, where the site has one."""
-    return lambda s: needs(s) | ({Raw(s.write_scale, s.layer)} if s.write_scale is not None else frozenset())
+    return lambda s: needs(s) | {Raw(loc, s.layer) for loc in s.write_scales}
 
 
 def _latent_loc(s: Site) -> str:
@@ -296,19 +296,20 @@ def _sae_write_norm(ctx: Context) -> torch.Tensor:
 
 
 def _sae_jvp_pre(ctx: Context) -> torch.Tensor:
-    """Tangent of the encoder pre-activation: (tangent of the SAE input) @ W_enc."""
+    """Tangent of the encoder pre-activation: (tangent of the input, normalised if so) @ W_enc."""
     ae = ctx.weights.saes[(ctx.site.sae_site, ctx.site.layer)]
-    return (ctx.raw(SAE_INPUT[ctx.site.sae_site], "jvp") @ ae.W_enc)[:, :, None, :]
+    location = SAE_INPUT[ctx.site.sae_site]
+    return ae.pre_activation_tangent(ctx.raw(location), ctx.raw(location, "jvp"))[:, :, None, :]
 
 
-SAE_INPUT = {"mlp": "mlp.post", "attn": "attn.out", "resid": "resid.post"}
+SAE_INPUT = {"mlp": "mlp.post", "attn": "attn.out", "resid": "resid.post", "mlp_tc": "mlp.in"}
 
 SAE_PARTS = {
     "act": Part(_at(_latent_loc), lambda c: c.raw(_latent_loc(c.site))[:, :, None, :]),
     "grad": Part(_at(_latent_loc, "bwd"), lambda c: c.raw(_latent_loc(c.site), "bwd")[:, :, None, :]),
     "write_norm": Part(_scaled(_none), _sae_write_norm, ("act",)),
     "direct_effect": Part(_scaled(_g_need()), _sae_direct, ("act",)),
-    "jvp_pre": Part(_at(lambda s: SAE_INPUT[s.sae_site], "jvp"), _sae_jvp_pre),
+    "jvp_pre": Part(lambda s: frozenset(Raw(SAE_INPUT[s.sae_site], s.layer, p) for p in ("fwd", "jvp")), _sae_jvp_pre),
 }
 
 

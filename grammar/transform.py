@@ -332,7 +332,8 @@ class ToPlan(Transformer):
         return tuple(terms)
 
     def latent_direction(self, name: Token, index: Token) -> Direction:
-        match = re.fullmatch(r"(mlp|attn|resid)_l(\d+)", str(name).lower())
+        sites = "|".join(sorted(catalog.SAE_SITES, key=len, reverse=True))  # mlp_tc before mlp
+        match = re.fullmatch(rf"({sites})_l(\d+)", str(name).lower())
         if match is None:
             raise NameProblem(f"latent(SITE_L<layer>, index) names an autoencoder like mlp_L1, not '{name}'",
                               name.start_pos)

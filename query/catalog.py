@@ -46,11 +46,15 @@ _COMPONENT_LIST = (
     ComponentDef("mlp_sae_error", "MLP autoencoder reconstruction errors", None, site="mlp"),
     ComponentDef("resid_sae", "residual autoencoder latents", "latent", site="resid", error="resid_sae_error"),
     ComponentDef("resid_sae_error", "residual autoencoder reconstruction errors", None, site="resid"),
+    ComponentDef("mlp_tc", "transcoder latents (in place of the MLP)", "latent", site="mlp_tc", error="mlp_tc_error"),
+    ComponentDef("mlp_tc_error", "transcoder errors (the MLP's write minus the transcoder's)", None, site="mlp_tc"),
 )
 COMPONENTS: dict[str, ComponentDef] = {c.name: c for c in _COMPONENT_LIST}
 COMPONENT_NAMES: tuple[str, ...] = tuple(COMPONENTS)
-SAE_SITES: tuple[str, ...] = ("mlp", "attn", "resid")
-LATENTS: tuple[str, ...] = tuple(f"{site}_sae" for site in SAE_SITES)
+# where an autoencoder is spliced: mlp.post, attn.out, resid.post; mlp_tc, a transcoder, in place of the MLP
+SAE_SITES: tuple[str, ...] = ("mlp", "attn", "resid", "mlp_tc")
+_LATENT_OF_SITE = {c.site: c.name for c in _COMPONENT_LIST if c.unit == "latent"}
+LATENTS: tuple[str, ...] = tuple(_LATENT_OF_SITE[site] for site in SAE_SITES)
 SAE_ERRORS: tuple[str, ...] = tuple(COMPONENTS[c].error for c in LATENTS)
 # `sae` in `of` stands for every loaded autoencoder's latents; the binder expands it
 SAE_WORD = "sae"
@@ -60,7 +64,7 @@ DEFAULT_COMPONENTS: tuple[str, ...] = ("mlp", "attn")
 
 
 def latent_component(site: str) -> str:
-    return f"{site}_sae"
+    return _LATENT_OF_SITE[site]
 
 
 # --- node references: mlp[L,N], attn[L,H]@t:u, sae[L,I], resid[L], block[L] --------------------------
@@ -163,8 +167,8 @@ def row_components(scalars: tuple[str, ...], components: tuple[str, ...]) -> tup
 
 # the docs' table of which scalar is defined for which component (docs/language.md holds its output)
 _TABLE_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("mlp", ("mlp",)), ("attn", ("attn",)), ("head", ("head",)), ("mlp_sae, attn_sae, resid_sae", LATENTS),
-    ("embed", ("embed",)), ("*_sae_error", SAE_ERRORS),
+    ("mlp", ("mlp",)), ("attn", ("attn",)), ("head", ("head",)), ("mlp_sae, attn_sae, resid_sae, mlp_tc", LATENTS),
+    ("embed", ("embed",)), ("*_sae_error, mlp_tc_error", SAE_ERRORS),
 )
 
 
@@ -301,6 +305,7 @@ TL_BLOCK_HOOKS: dict[str, str] = {
     "hook_mlp_out": "mlp.out",
     "ln1.hook_scale": "ln1.scale",
     "ln2.hook_scale": "ln2.scale",
+    "ln2.hook_normalized": "mlp.in",
     "ln1_post.hook_scale": "ln1_post.scale",
     "ln2_post.hook_scale": "ln2_post.scale",
     "attn.hook_q": "attn.q",

@@ -1,16 +1,30 @@
-"""Sparse autoencoders: one module for SAELens and TDB checkpoints (ReLU, TopK, JumpReLU).
+"""Sparse autoencoders and transcoders: one module for SAELens and TDB checkpoints (ReLU,
+TopK, JumpReLU).
 
-    encode(x) = act((x - b_dec) @ W_enc + b_enc)      (b_dec subtracted when the layout says so)
-    decode(z) = z @ W_dec + b_dec
+    encode(x) = act((norm(x) - b_dec) @ W_enc + b_enc)      (b_dec subtracted when the layout says so)
+    decode(z) = unnorm(z @ W_dec + b_dec)                    (+ x @ W_skip.T for skip-transcoders)
 
-Layouts read by `load_autoencoder(path)`:
+`norm` is SAELens' run-time input normalisation: none, constant_norm_rescale (x · sqrt(d_in) /
+‖x‖) or layer_norm ((x − mean) / (std + 1e-5)); `unnorm` undoes it on the output with the same
+token's coefficient (÷ the rescale factor; · std + mean). Transcoders (site `mlp_tc`) read the
+MLP's input and write its output (d_out = d_model), in place of the MLP; SAELens normalises only
+their input, and so does this module.
+
+Layouts read by `load_autoencoders(path)`:
 
 SAELens: a folder with cfg.json and sae_weights.safetensors holding W_enc (d_in, d_sae), b_enc,
-    W_dec (d_sae, d_in), b_dec, and `threshold` (or `log_threshold`) for JumpReLU. cfg.json gives
-    d_in, d_sae, architecture (standard | topk | jumprelu), k for topk (also read from
-    activation_fn_kwargs), apply_b_dec_to_input, and hook_name ('blocks.L.mlp.hook_post',
-    'blocks.L.hook_attn_out', 'blocks.L.hook_resid_post', 'blocks.L+1.hook_resid_pre'), which
-    gives the site and layer.
+    W_dec (d_sae, d_out), b_dec, `threshold` (or `log_threshold`) for JumpReLU, W_skip (d_out,
+    d_in) for skip-transcoders. cfg.json as SAELens 6 writes it (hook_name under `metadata`) or
+    the older flat layout (hook_name at the top): d_in, d_sae, d_out (transcoders), architecture
+    (standard | topk | jumprelu | transcoder | skip_transcoder | jumprelu_transcoder |
+    jumprelu_skip_transcoder), k for topk (also read from activation_fn_kwargs) and
+    rescale_acts_by_decoder_norm (folded into the weights at load), apply_b_dec_to_input,
+    normalize_activations (expected_average_only_in and covariance_whitening have nothing to
+    apply at inference: SAELens folds them after training and ignores them when loading), and
+    hook_name, which gives the site and layer: 'blocks.L.mlp.hook_post', 'blocks.L.hook_attn_out',
+    'blocks.L.hook_resid_post', 'blocks.L+1.hook_resid_pre'; for a transcoder the MLP's input,
+    'blocks.L.ln2.hook_normalized' (or, in a family without pre-norms, 'blocks.L.hook_resid_mid'),
+    with metadata.hook_name_out, when given, 'blocks.L.hook_mlp_out'.
 TDB (openai/sparse_autoencoder): a .safetensors file with encoder.weight (n_latents, d_in),
     decoder.weight (d_in, n_latents), pre_bias (d_in,), latent_bias (n_latents,). Activation,
     k, site and layer come from the file's safetensors metadata (keys activation = ReLU | TopK,
@@ -21,7 +35,10 @@ TDB (openai/sparse_autoencoder): a .safetensors file with encoder.weight (n_late
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +50,19 @@ from ...query.errors import TdbqlError
 from .model import hook_alias
 
 ACTIVATIONS = ("relu", "topk", "jumprelu")
+NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
+TRANSCODER_SITE = "mlp_tc"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
+LAYER_NORM_EPS = 1e-5  # SAELens' layer_norm normalisation
+
+
+@dataclass
+class Normalised:
+    """One call's input normalisation: the decoder's output is divided by `divisor` (..., 1),
+    then `shift` (..., 1) is added (layer_norm: the input's mean)."""
+
+    divisor: torch.Tensor
+    shift: torch.Tensor | None = None
 
 
 class Autoencoder(nn.Module):
@@ -41,8 +70,8 @@ class Autoencoder(nn.Module):
         self,
         W_enc: torch.Tensor,  # (d_in, n_latents)
         b_enc: torch.Tensor,  # (n_latents,)
-        W_dec: torch.Tensor,  # (n_latents, d_in)
-        b_dec: torch.Tensor,  # (d_in,)
+        W_dec: torch.Tensor,  # (n_latents, d_out); d_out = d_in except for transcoders
+        b_dec: torch.Tensor,  # (d_out,)
         *,
         site: str,
         layer: int,
@@ -50,28 +79,41 @@ class Autoencoder(nn.Module):
         k: int | None = None,
         threshold: torch.Tensor | None = None,  # (n_latents,), jumprelu
         subtract_b_dec: bool = True,
+        normalize: str = "none",
+        W_skip: torch.Tensor | None = None,  # (d_out, d_in), skip-transcoders
+        reads: str = "mlp.in",  # a transcoder's input: mlp.in, or resid.mid (families without pre-norms)
         name: str = "",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown autoencoder activation {activation!r} ({', '.join(ACTIVATIONS)})")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"input normalisation {normalize!r} is not supported ({', '.join(NORMALIZATIONS)})")
         if activation == "topk" and not k:
             raise ValueError("a topk autoencoder needs k")
         if activation == "jumprelu" and threshold is None:
             raise ValueError("a jumprelu autoencoder needs a threshold")
         d_in, n_latents = W_enc.shape
-        if W_dec.shape != (n_latents, d_in) or b_enc.shape != (n_latents,) or b_dec.shape != (d_in,):
+        d_out = W_dec.shape[-1]
+        transcoder = site == TRANSCODER_SITE
+        if (W_dec.shape != (n_latents, d_out) or b_enc.shape != (n_latents,) or b_dec.shape != (d_out,)
+                or (d_out != d_in and (not transcoder or subtract_b_dec))):
             raise ValueError(
                 f"inconsistent shapes: W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}, "
                 f"W_dec {tuple(W_dec.shape)}, b_dec {tuple(b_dec.shape)}"
             )
+        if W_skip is not None and (not transcoder or W_skip.shape != (d_out, d_in)):
+            raise ValueError(f"a skip term W_skip {tuple(W_skip.shape)} needs a transcoder of {d_in} -> {d_out}")
+        if threshold is not None and threshold.shape != (n_latents,):
+            raise ValueError(f"threshold has shape {tuple(threshold.shape)}, not ({n_latents},)")
         self.W_enc = nn.Parameter(W_enc, requires_grad=False)
         self.b_enc = nn.Parameter(b_enc, requires_grad=False)
         self.W_dec = nn.Parameter(W_dec, requires_grad=False)
         self.b_dec = nn.Parameter(b_dec, requires_grad=False)
         self.threshold = None if threshold is None else nn.Parameter(threshold, requires_grad=False)
+        self.W_skip = None if W_skip is None else nn.Parameter(W_skip, requires_grad=False)
         self.site, self.layer, self.activation, self.k = site, layer, activation, k
-        self.subtract_b_dec = subtract_b_dec
+        self.subtract_b_dec, self.normalize, self.reads = subtract_b_dec, normalize, reads
         self.name = name
 
     @property
@@ -79,16 +121,46 @@ class Autoencoder(nn.Module):
         return self.W_enc.shape[0]
 
     @property
+    def d_out(self) -> int:
+        return self.W_dec.shape[1]
+
+    @property
     def n_latents(self) -> int:
         return self.W_enc.shape[1]
 
+    @property
+    def transcoder(self) -> bool:
+        return self.site == TRANSCODER_SITE
+
+    def normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, Normalised | None]:
+        """The encoder's input and, where the output is un-normalised, the coefficients."""
+        if self.normalize == "constant_norm_rescale":
+            coeff = math.sqrt(self.d_in) / x.norm(dim=-1, keepdim=True)
+            return x * coeff, Normalised(coeff)
+        if self.normalize == "layer_norm":
+            mean = x.mean(-1, keepdim=True)
+            std = (x - mean).std(-1, keepdim=True)
+            return (x - mean) / (std + LAYER_NORM_EPS), Normalised(1 / std, mean)
+        return x, None
+
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., latent)
+        return self._linear(self.normalise(x)[0])
+
+    def pre_activation_tangent(self, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """The pre-activation's derivative along dx with the normalisation's coefficients held."""
+        if self.normalize == "constant_norm_rescale":
+            dx = dx * (math.sqrt(self.d_in) / x.norm(dim=-1, keepdim=True))
+        elif self.normalize == "layer_norm":
+            dx = (dx - dx.mean(-1, keepdim=True)) / ((x - x.mean(-1, keepdim=True)).std(-1, keepdim=True)
+                                                     + LAYER_NORM_EPS)
+        return dx @ self.W_enc
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.subtract_b_dec:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.pre_activation(x)
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
         if self.activation == "relu":
             return torch.relu(pre)
         if self.activation == "jumprelu":
@@ -96,11 +168,26 @@ class Autoencoder(nn.Module):
         top = pre.topk(self.k, dim=-1)  # topk: keep the k largest, then ReLU them
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:  # (..., latent) -> (..., d_in)
-        return z @ self.W_dec + self.b_dec
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_activation(x))
+
+    def decode(self, z: torch.Tensor, norm: Normalised | None = None) -> torch.Tensor:
+        """(..., latent) -> (..., d_out); `norm`: the coefficients of the input z was encoded from
+        (a transcoder's output is never un-normalised, as in SAELens)."""
+        out = z @ self.W_dec + self.b_dec
+        if norm is not None and not self.transcoder:
+            out = out / norm.divisor
+            if norm.shift is not None:
+                out = out + norm.shift
+        return out
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | float:
+        """A skip-transcoder's linear term x @ W_skip.T (0 without one)."""
+        return 0.0 if self.W_skip is None else x @ self.W_skip.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        x_in, norm = self.normalise(x)
+        return self.decode(self.activate(self._linear(x_in)), norm) + self.skip(x)
 
     def extra_repr(self) -> str:
         k = f", k={self.k}" if self.k else ""
@@ -127,13 +214,32 @@ def site_from_hook_name(hook_name: str) -> tuple[str, int]:
     return sites[location], layer
 
 
+def transcoder_from_hook_names(hook_name: str, hook_name_out: str | None) -> tuple[int, str]:
+    """A transcoder's (layer, input location) from its input and output hook names: the MLP's
+    input 'blocks.L.ln2.hook_normalized' (mlp.in), or the residual before it
+    'blocks.L.hook_resid_mid' / 'blocks.L.hook_mlp_in' (resid.mid: families without pre-norms)."""
+    prefix = re.fullmatch(r"(blocks\.\d+\.)hook_mlp_in", hook_name)
+    try:
+        location, layer = hook_alias(prefix.group(1) + "hook_resid_mid" if prefix else hook_name)
+        out = None if hook_name_out is None else hook_alias(hook_name_out)
+    except ValueError as err:
+        raise TdbqlError(f"transcoder hook: {err}") from None
+    if location not in ("mlp.in", "resid.mid") or layer is None:
+        raise TdbqlError(f"transcoder hook {hook_name!r} is not the MLP's input "
+                         "(ln2.hook_normalized, or hook_resid_mid / hook_mlp_in without pre-norms)")
+    if out is not None and out != ("mlp.out", layer):
+        raise TdbqlError(f"transcoder output hook {hook_name_out!r} is not blocks.{layer}.hook_mlp_out: "
+                         "tdbql splices transcoders in place of their layer's MLP")
+    return layer, location
+
+
 # --- loading ------------------------------------------------------------------------------------------
 
 
 def load_autoencoders(path: str | Path) -> list[Autoencoder]:
     """Every autoencoder at `path`: a SAELens folder, a TDB file, or a folder of either."""
     path = Path(path).expanduser()
-    if not path.exists():
+    if not os.path.exists(path):  # os.path: a name too long or holding NUL is simply not there
         raise TdbqlError(f"autoencoder path {str(path)!r} not found")
     if path.is_file():
         return [_checked(_load_tdb, path)]
@@ -184,6 +290,16 @@ def _need(tensors: dict[str, torch.Tensor], names: tuple[str, ...], path: Path) 
         raise TdbqlError(f"{path}: missing tensor(s) {', '.join(missing)}")
 
 
+# SAELens architecture -> (activation, transcoder, skip)
+SAELENS_ARCHITECTURES = {
+    "standard": ("relu", False, False), "relu": ("relu", False, False), "topk": ("topk", False, False),
+    "jumprelu": ("jumprelu", False, False), "transcoder": ("relu", True, False),
+    "skip_transcoder": ("relu", True, True), "jumprelu_transcoder": ("jumprelu", True, False),
+    "jumprelu_skip_transcoder": ("jumprelu", True, True),
+}
+_NO_OP_NORMALIZATIONS = ("none", "expected_average_only_in", "covariance_whitening")
+
+
 def _load_saelens(folder: Path) -> Autoencoder:
     cfg_path = folder / "cfg.json"
     try:
@@ -192,24 +308,45 @@ def _load_saelens(folder: Path) -> Autoencoder:
         raise TdbqlError(f"cannot read {cfg_path}: {err}") from None
     if not isinstance(cfg, dict):
         raise TdbqlError(f"{cfg_path}: expected a JSON object")
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     tensors, _ = _read_tensors(folder / SAELENS_WEIGHTS)
     _need(tensors, ("W_enc", "b_enc", "W_dec", "b_dec"), folder / SAELENS_WEIGHTS)
     arch = str(cfg.get("architecture", "standard")).lower()
-    activation = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(arch)
-    if activation is None:
-        raise TdbqlError(f"{cfg_path}: SAE architecture {arch!r} is not supported (standard, topk, jumprelu)")
+    if arch not in SAELENS_ARCHITECTURES:
+        raise TdbqlError(f"{cfg_path}: SAE architecture {arch!r} is not supported ({', '.join(SAELENS_ARCHITECTURES)})")
+    activation, transcoder, skip = SAELENS_ARCHITECTURES[arch]
     normalize = cfg.get("normalize_activations") or "none"
-    if normalize != "none" or cfg.get("hook_head_index") is not None:
-        raise TdbqlError(f"{cfg_path}: normalize_activations / hook_head_index are not supported")
+    if normalize in _NO_OP_NORMALIZATIONS:
+        normalize = "none"
+    if meta.get("hook_head_index", cfg.get("hook_head_index")) is not None:
+        raise TdbqlError(f"{cfg_path}: autoencoders of one head (hook_head_index) are not supported")
+    if cfg.get("reshape_activations", "none") not in ("none", None):
+        raise TdbqlError(f"{cfg_path}: reshape_activations {cfg['reshape_activations']!r} (attention hook_z "
+                         "autoencoders) is not supported")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     threshold = tensors.get("threshold")
     if threshold is None and "log_threshold" in tensors:
         threshold = tensors["log_threshold"].exp()
-    site, layer = site_from_hook_name(cfg.get("hook_name", ""))
+    W_enc, b_enc, W_dec = tensors["W_enc"], tensors["b_enc"], tensors["W_dec"]
+    if activation == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        norms = W_dec.float().norm(dim=-1)  # topk(pre · ‖W_dec‖), decoded as z / ‖W_dec‖ @ W_dec: fold both
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+    hook_name = meta.get("hook_name", cfg.get("hook_name", ""))
+    hook_name_out = meta.get("hook_name_out", cfg.get("hook_name_out"))
+    if not isinstance(hook_name, str) or not isinstance(hook_name_out, (str, type(None))):
+        raise TypeError(f"hook_name must be text, not {hook_name!r}")
+    if transcoder:
+        if skip:
+            _need(tensors, ("W_skip",), folder / SAELENS_WEIGHTS)
+        layer, reads = transcoder_from_hook_names(hook_name, hook_name_out)
+        site = TRANSCODER_SITE
+    else:
+        (site, layer), reads = site_from_hook_name(hook_name), "mlp.in"
     return _build(
-        tensors["W_enc"], tensors["b_enc"], tensors["W_dec"], tensors["b_dec"], cfg_path,
+        W_enc, b_enc, W_dec, tensors["b_dec"], cfg_path,
         site=site, layer=layer, activation=activation, k=int(k) if k else None, threshold=threshold,
-        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)), name=folder.name,
+        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", not transcoder)), normalize=normalize,
+        W_skip=tensors.get("W_skip") if skip else None, reads=reads, name=folder.name,
     )
 
 
@@ -261,25 +398,40 @@ _HOOK_NAMES = {
     "mlp": "blocks.{}.mlp.hook_post",
     "attn": "blocks.{}.hook_attn_out",
     "resid": "blocks.{}.hook_resid_post",
+    TRANSCODER_SITE: "blocks.{}.ln2.hook_normalized",
 }
 
 
-def save_saelens(ae: Autoencoder, folder: str | Path) -> Path:
-    """Write `ae` as a SAELens folder (cfg.json + sae_weights.safetensors)."""
+def save_saelens(ae: Autoencoder, folder: str | Path, *, flat: bool = False) -> Path:
+    """Write `ae` as a SAELens folder (cfg.json + sae_weights.safetensors) in the layout SAELens
+    6 writes (hook names under `metadata`); `flat`: the older layout (hook_name at the top)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"W_enc": ae.W_enc, "b_enc": ae.b_enc, "W_dec": ae.W_dec, "b_dec": ae.b_dec}
-    if ae.threshold is not None:
-        tensors["threshold"] = ae.threshold
+    for name in ("threshold", "W_skip"):
+        if getattr(ae, name) is not None:
+            tensors[name] = getattr(ae, name)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(folder / SAELENS_WEIGHTS))
+    hooks = {"hook_name": _HOOK_NAMES[ae.site].format(ae.layer)}
+    if ae.transcoder:
+        if ae.reads == "resid.mid":
+            hooks["hook_name"] = f"blocks.{ae.layer}.hook_resid_mid"
+        hooks["hook_name_out"] = f"blocks.{ae.layer}.hook_mlp_out"
+    architecture = {"relu": "standard"}.get(ae.activation, ae.activation)
+    if ae.transcoder:
+        architecture = ("jumprelu_" if ae.activation == "jumprelu" else "") + (
+            "skip_transcoder" if ae.W_skip is not None else "transcoder")
     cfg = {
         "d_in": ae.d_in,
         "d_sae": ae.n_latents,
-        "architecture": {"relu": "standard"}.get(ae.activation, ae.activation),
-        "hook_name": _HOOK_NAMES[ae.site].format(ae.layer),
+        "dtype": "float32",
         "apply_b_dec_to_input": ae.subtract_b_dec,
-        "normalize_activations": "none",
-        **({"k": ae.k} if ae.k else {}),
+        "normalize_activations": ae.normalize,
+        "reshape_activations": "none",
+        **({"d_out": ae.d_out} if ae.transcoder else {}),
+        **({"k": ae.k, "rescale_acts_by_decoder_norm": False} if ae.k else {}),
+        **(hooks if flat else {"metadata": hooks}),
+        "architecture": architecture,
     }
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
     return folder
@@ -287,7 +439,7 @@ def save_saelens(ae: Autoencoder, folder: str | Path) -> Path:
 
 def save_tdb(ae: Autoencoder, path: str | Path) -> Path:
     """Write `ae` in TDB's layout (one safetensors file with site/layer/activation metadata)."""
-    if not ae.subtract_b_dec or ae.activation == "jumprelu":
+    if not ae.subtract_b_dec or ae.activation == "jumprelu" or ae.transcoder or ae.normalize != "none":
         raise ValueError("TDB's layout holds ReLU/TopK autoencoders that subtract the pre-bias")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

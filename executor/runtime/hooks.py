@@ -33,6 +33,7 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     "attn.out": ("batch", "token", "d_model"),  # attention's write to the residual (with bias; after ln1_post)
     "resid.mid": ("batch", "token", "d_model"),  # resid.pre + attn.out
     "ln2.scale": ("batch", "token", "one"),
+    "mlp.in": ("batch", "token", "d_model"),  # the MLP's input (after ln2; a transcoder reads it)
     "mlp.pre": ("batch", "token", "d_mlp"),  # pre-activation (the gate branch for GLU MLPs)
     "mlp.post": ("batch", "token", "d_mlp"),  # what W_out reads (act(gate) * up for GLU)
     "ln2_post.scale": ("batch", "token", "one"),  # the norm of the MLP's output (post-norm families)
@@ -47,6 +48,14 @@ LOCATIONS: dict[str, tuple[str, ...]] = {
     "sae.attn.error": ("batch", "token", "d_model"),
     "sae.resid.latent": ("batch", "token", "latent"),
     "sae.resid.error": ("batch", "token", "d_model"),
+    # a transcoder in place of the MLP: latents, and the MLP's true output minus the transcoder's
+    "sae.mlp_tc.latent": ("batch", "token", "latent"),
+    "sae.mlp_tc.error": ("batch", "token", "d_model"),
+    # an autoencoder that normalises its input: what its output is divided by (SAELens'
+    # constant_norm_rescale: sqrt(d_in) / |x|; layer_norm: 1 / std), so a latent's write is z·D / this
+    "sae.mlp.scale": ("batch", "token", "one"),
+    "sae.attn.scale": ("batch", "token", "one"),
+    "sae.resid.scale": ("batch", "token", "one"),
 }
 
 def location_shape(location: str, layer: int | None, cfg, saes: dict, n_tokens: int, n_prompts: int = 1) -> tuple[int, ...]:

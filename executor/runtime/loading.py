@@ -212,7 +212,7 @@ def _load_tokenizer(folder: Path) -> Tokenizer:
 # --- finding the folder -------------------------------------------------------------------------
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*")
+HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]{0,95}/[A-Za-z0-9_][\w.-]{0,95}")  # the hub allows 96 each
 
 
 def resolve_model_folder(name: str, *, offline: bool = False, local: bool = True) -> Path:
@@ -230,11 +230,11 @@ def resolve_model_folder(name: str, *, offline: bool = False, local: bool = True
                              "loads `default`, the embedded model, or a hub id already in the local cache)")
         return hub_snapshot(repo_id, offline=offline)
     path = Path(name).expanduser()
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path: a name too long or holding NUL is simply not there
         return path
-    if repo_id is not None and not path.exists():
+    if repo_id is not None and not os.path.exists(path):
         return hub_snapshot(repo_id, offline=offline)
-    if path.exists():
+    if os.path.exists(path):
         raise TdbqlError(f"model {name!r} is a file, not a folder (config.json, *.safetensors, tokenizer.json)")
     if "/" in name or name.startswith((".", "~")):
         raise TdbqlError(f"no such folder: {name!r}")

@@ -98,9 +98,9 @@ class Block(nn.Module):
         attn_out = hooks("attn.out", layer, _norm(self.ln1_post, attn_out, hooks, "ln1_post.scale", layer))
         attn_out = self.splice("attn", attn_out, ctx)
         mid = hooks("resid.mid", layer, x + attn_out)
-        mlp_in = _norm(self.ln2, x if self.parallel else mid, hooks, "ln2.scale", layer)
+        mlp_in = hooks("mlp.in", layer, _norm(self.ln2, x if self.parallel else mid, hooks, "ln2.scale", layer))
         mlp_out = _norm(self.ln2_post, self.mlp(mlp_in, ctx, self), hooks, "ln2_post.scale", layer)
-        mlp_out = hooks("mlp.out", layer, mlp_out)
+        mlp_out = hooks("mlp.out", layer, self.transcode(mlp_in, mlp_out, ctx))
         post = hooks("resid.post", layer, mid + mlp_out)
         return self.splice("resid", post, ctx)
 
@@ -108,16 +108,34 @@ class Block(nn.Module):
         """Replace x by decode(z) + error, z and error hookable; unchanged value when unedited.
 
         The error is computed from the unedited latents, so editing z (ablation) keeps the error
-        frozen. The hook sees a copy of z, so its gradient is ∂L/∂z through the decoder only.
+        frozen. The hook sees a copy of z, so its gradient is ∂L/∂z through the decoder only. An
+        autoencoder that normalises its input decodes with that token's coefficients, its
+        divisor hookable at sae.<site>.scale.
         """
         ae = self.saes.get(site)
         if ae is None:
             return x
-        z_clean = ae.encode(x)  # (batch, token, latent)
-        error = x - ae.decode(z_clean)
+        x_in, norm = ae.normalise(x)
+        z_clean = ae.activate(ae._linear(x_in))  # (batch, token, latent)
+        error = x - ae.decode(z_clean, norm)
+        if norm is not None:
+            norm.divisor = ctx.hooks(f"sae.{site}.scale", self.layer, norm.divisor)
         z = ctx.hooks(f"sae.{site}.latent", self.layer, z_clean.clone())
         error = ctx.hooks(f"sae.{site}.error", self.layer, error)
-        return ae.decode(z) + error
+        return ae.decode(z, norm) + error
+
+    def transcode(self, mlp_in: torch.Tensor, mlp_out: torch.Tensor, ctx: _ForwardContext) -> torch.Tensor:
+        """With a transcoder attached, the MLP's write becomes decode(z) + skip + error, where
+        error = the MLP's true write minus the transcoder's (frozen under edits of z, as above)."""
+        tc = self.saes.get("mlp_tc")
+        if tc is None:
+            return mlp_out
+        z_clean = tc.encode(mlp_in)  # (batch, token, latent)
+        skip = tc.skip(mlp_in)
+        error = mlp_out - (tc.decode(z_clean) + skip)
+        z = ctx.hooks("sae.mlp_tc.latent", self.layer, z_clean.clone())
+        error = ctx.hooks("sae.mlp_tc.error", self.layer, error)
+        return tc.decode(z) + skip + error
 
 
 def _norm(norm: Norm | None, x: torch.Tensor, hooks: HookSet, location: str, layer: int) -> torch.Tensor:
@@ -265,14 +283,22 @@ class Transformer(nn.Module):
     # --- autoencoders ---
 
     def attach_sae(self, site: str, layer: int, ae: Autoencoder) -> None:
-        """Splice `ae` at mlp (mlp.post), attn (attn.out) or resid (resid.post) of `layer`."""
+        """Splice `ae` at mlp (mlp.post), attn (attn.out) or resid (resid.post) of `layer`, or a
+        transcoder at mlp_tc (reading mlp.in, writing mlp.out in place of the MLP)."""
         if site not in SAE_SITES:
-            raise ValueError(f"unknown autoencoder site {site!r} (mlp, attn, resid)")
+            raise ValueError(f"unknown autoencoder site {site!r} ({', '.join(SAE_SITES)})")
         if not 0 <= layer < self.cfg.n_layers:
             raise ValueError(f"layer {layer} out of range 0..{self.cfg.n_layers - 1}")
+        if (site == "mlp_tc") != ae.transcoder:
+            raise ValueError("transcoders go at mlp_tc, autoencoders at mlp, attn or resid")
         d_site = self.cfg.d_mlp if site == "mlp" else self.cfg.d_model
         if ae.d_in != d_site:
             raise ValueError(f"autoencoder reads {ae.d_in} dims but {site} has {d_site}")
+        if ae.d_out != d_site:
+            raise ValueError(f"autoencoder writes {ae.d_out} dims but {site} has {self.cfg.d_model}")
+        if ae.transcoder and ae.reads == "resid.mid" and (self.cfg.pre_norms or self.cfg.parallel_residual):
+            raise ValueError("the transcoder reads the residual before the MLP's norm (hook_resid_mid); tdbql "
+                             "splices transcoders that read the MLP's input (ln2.hook_normalized)")
         p = self.embed.weight
         ae.to(device=p.device, dtype=p.dtype).requires_grad_(False)
         self.blocks[layer].saes[site] = ae

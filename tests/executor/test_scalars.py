@@ -16,6 +16,7 @@ import torch
 from tdbql.executor.engine import Engine
 from tdbql.executor.runtime.autoencoder import Autoencoder
 from tdbql.executor.runtime.hooks import HookSet
+from tdbql.query.catalog import COMPONENTS, SAE_SITES, latent_component
 from tdbql.query.context import PromptRow
 from tdbql.query.plan import Loss, NodeQuery, ScalarSpec
 
@@ -61,7 +62,7 @@ class Reference:
         for layer in range(model.cfg.n_layers):
             for loc in self.LOCATIONS + POST_NORMS * model.cfg.post_norms:
                 hooks.add(loc, layer, self._keep(loc, layer))
-            for site in ("mlp", "attn", "resid"):
+            for site in SAE_SITES:
                 if (site, layer) in loaded.saes:
                     hooks.add(f"sae.{site}.latent", layer, self._keep(f"sae.{site}.latent", layer))
                     hooks.add(f"sae.{site}.error", layer, self._keep(f"sae.{site}.error", layer))
@@ -156,15 +157,16 @@ def expected(ref: Reference, g: torch.Tensor, upstream=lambda kind, layer: True)
         e, de_ = ref.val(f"sae.{site}.error", L), ref.grad(f"sae.{site}.error", L)
         D = ae.W_dec @ m.W_out(L) if site == "mlp" else ae.W_dec
         e_write = e @ m.W_out(L) if site == "mlp" else e
-        up = upstream(f"{site}_sae", L)
+        latent = latent_component(site)
+        up = upstream(latent, L)
         for (t, i), _ in _items(z):
-            out[(f"{site}_sae", L, i, t, None)] = {
+            out[(latent, L, i, t, None)] = {
                 "act": z[t, i], "grad": dz[t, i], "act_times_grad": z[t, i] * dz[t, i],
                 "write_norm": z[t, i] * D[i].norm(), "direct_effect": z[t, i] * (D[i] @ g[t]) if up else 0.0,
             }
         for t in range(ref.T):
             eg = (e[t] * de_[t]).sum()
-            out[(f"{site}_sae_error", L, None, t, None)] = {
+            out[(COMPONENTS[latent].error, L, None, t, None)] = {
                 "act": 1.0, "grad": eg, "act_times_grad": eg, "write_norm": e_write[t].norm(),
                 "direct_effect": e_write[t] @ g[t] if up else 0.0, "sae_error": e[t].norm(),
             }

@@ -189,7 +189,7 @@ def _sae(folder: Path, layer: int = 0, d_in: int = 128, n: int = 16) -> Path:
     g = torch.Generator().manual_seed(layer)
     ae = Autoencoder(torch.randn(d_in, n, generator=g), torch.zeros(n), torch.randn(n, d_in, generator=g),
                      torch.zeros(d_in), site="mlp", layer=layer)
-    return save_saelens(ae, folder)
+    return save_saelens(ae, folder, flat=True)  # the older layout: the edits below are top-level keys
 
 
 def _edit_cfg(folder: Path, **changes) -> None:

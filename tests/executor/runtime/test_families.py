@@ -266,3 +266,28 @@ def test_hook_names_of_the_new_norms(name, expected):
     from tdbql.executor.runtime.model import hook_alias
 
     assert hook_alias(name) == expected
+
+
+def test_gemma3_image_text_checkpoint_loads_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (vision tower, projector, language_model.* keys):
+    tdbql loads the text model and skips the rest; text-only logits equal transformers'."""
+    import transformers as tf
+
+    from tests.executor.conftest import _TOKENIZER, _randomise, hf_config
+
+    vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                   image_size=28, patch_size=14)
+    cfg = tf.Gemma3Config(text_config=hf_config("gemma3").to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=4, image_token_index=300, boi_token_index=301, eoi_token_index=302)
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration(cfg)
+    _randomise(model, 0)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    (tmp_path / "tokenizer.json").write_text(_TOKENIZER())
+    ours = load_model(str(tmp_path))
+    assert ours.config.arch == "gemma3" and ours.config.n_layers == 2  # not the vision tower's 3
+    ref = tf.Gemma3ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+    ids = torch.tensor([ours.encode(LONG)])
+    with torch.no_grad():
+        assert (ours.model(ids) - ref(input_ids=ids).logits).abs().max() < 1e-4
