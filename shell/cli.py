@@ -4,6 +4,7 @@
     tdbql -c "topk 5 act"          run statements and exit
     tdbql -f setup.tql -f q.tql    run files in order (-c and -f may be mixed; they run in the order given)
     tdbql --db runs.duckdb ...     keep tables in a file
+    tdbql run -f q.tql --prompts 'data/*.parquet' --out results/   a dataset run (shell/run/cli.py)
 
 Exit codes: 0 ok, 1 query error (stderr: `file:line:col: message`), 2 usage error, 130 interrupted.
 No traceback unless --debug.
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tdbql",
         description="Query transformer internals: tdbql statements and SQL over DuckDB.",
-        epilog="With no -c/-f, opens the interactive shell (or reads statements from stdin when piped).",
+        epilog="With no -c/-f, opens the interactive shell (or reads statements from stdin when piped). "
+               "`tdbql run --help`: a query file over a prompts dataset.",
     )
     parser.add_argument("-c", "--command", dest="scripts", action=_AppendScript, metavar="STATEMENTS",
                         help="run statements and exit (repeatable)")
@@ -109,6 +111,11 @@ def parse_params(parser: argparse.ArgumentParser, items: list[str]) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # `tdbql run`: a query file over a prompts dataset (shell/run/)
+        from .run.cli import main as run_main
+
+        return run_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     params = parse_params(parser, args.params)

@@ -183,6 +183,15 @@ def _read(state: ShellState, args: list[str]) -> ScriptRun:
     return ScriptRun(_file(state, args, ".read FILE", ".read"))
 
 
+@meta_command(".attach", ".attach FOLDER", "Attach a dataset run's results (tdbql run --out FOLDER): a view per "
+              "table over its Parquet files.", aliases=(".open",), arguments=("file",))
+def _attach(state: ShellState, args: list[str]) -> str:
+    from .run.attach import attach_run  # a dataset run's folder (shell/run/)
+
+    folder = _file(state, args, ".attach FOLDER", ".attach")
+    return attach_run(state.session.con, folder, joined=state.session._user_transaction)
+
+
 @meta_command(".timer", ".timer [on|off]", "Show how long each statement takes.", setting=True,
               arguments=(SWITCHES,))
 def _timer(state: ShellState, args: list[str]) -> str:

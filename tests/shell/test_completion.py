@@ -147,7 +147,7 @@ def meta_at_end(text: str) -> list[str]:
     "text, expected",
     [
         (".ta", [".tables"]),
-        (".o", [".once", ".output"]),  # the alias .o is the word itself
+        (".o", [".once", ".open", ".output"]),  # the alias .o is the word itself; .open is .attach
         ("\\", ["\\?", "\\d", "\\dt", "\\i", "\\o", "\\q", "\\x"]),
         ("he", ["help"]),
         (".schema ", ["prompts", "q1", "tokens"]),
