@@ -7,7 +7,7 @@
   const shown = document.getElementById("threshold-value");
   const counted = document.getElementById("edge-count");
   const panel = document.getElementById("panel");
-  const edges = data.figure.data.slice(0, data.edge_count);
+  const edges = data.figure.data.slice(1);  // the nodes are trace 0
 
   function showAbove(threshold) {
     const visible = edges.map((trace) => trace.meta.weight >= threshold);
@@ -15,7 +15,7 @@
     shown.textContent = threshold.toFixed(3);
     counted.textContent = drawn + " of " + edges.length + " edges";
     if (edges.length) {
-      Plotly.restyle(graph, { visible: visible }, edges.map((_, i) => i));
+      Plotly.restyle(graph, { visible: visible }, edges.map((_, i) => i + 1));
     }
   }
 

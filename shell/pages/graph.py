@@ -181,17 +181,18 @@ def edge_opacity(weight: float) -> float:
 
 
 def figure(graph: RouteGraph) -> dict:
-    """Plotly traces and layout: one trace per edge (so width, opacity and visibility are per edge),
-    then one trace of nodes last. Each edge trace's `meta` is its row, for the page's script."""
-    traces = [edge_trace(edge, graph.tokens) for edge in graph.edges]
-    traces.append({
-        "type": "scatter", "mode": "markers", "name": "nodes", "hoverinfo": "text",
+    """Plotly traces and layout: the nodes first (drawn on top by `zorder`, and first among equally
+    near points on hover), then one trace per edge (so width, opacity and visibility are per edge),
+    strongest first. Each edge trace's `meta` is its row, for the page's script."""
+    nodes = {
+        "type": "scatter", "mode": "markers", "name": "nodes", "hoverinfo": "text", "zorder": 1,
         "x": [n.x for n in graph.nodes], "y": [n.y for n in graph.nodes],
         "hovertext": [node_text(n) for n in graph.nodes],
         "marker": {"size": 11, "color": [NODE_COLOURS[n.kind] for n in graph.nodes],
                    "line": {"width": 1, "color": "white"}},
         "showlegend": False,
-    })
+    }
+    traces = [nodes] + [edge_trace(edge, graph.tokens) for edge in graph.edges]
     ys, y_labels = row_labels(graph.n_layers)
     xs, x_labels = column_labels(graph)
     layout = {
@@ -227,5 +228,4 @@ def page_data(graph: RouteGraph) -> dict:
         "max_weight": max(weights, default=1.0),
         "attention": graph.attention,
         "tokens": {str(p): t for p, t in graph.tokens.items()},
-        "edge_count": len(graph.edges),
     }

@@ -1,11 +1,15 @@
 """`.html` pages for the embedded model's IOI prompt: what the page builders put on the page
 (pure, no browser), the meta-command and `--html`, and the live pages in headless Chromium
-(tests/shell/test_pages_browser.py)."""
+(skipped, saying so, where no Chromium is installed). Each live test writes a screenshot to its
+tmp dir; TDBQL_DOCS_SCREENSHOTS=1 also rewrites docs/routes-graph.png."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tdbql.query.errors import TdbqlError
@@ -194,3 +198,132 @@ def test_the_cli_writes_the_last_result_with_html(model_name, tdbql_bin, cli_env
     safe = subprocess.run([tdbql_bin, "--safe", "--model", model_name, "-c", program, "--html", "s.html"],
                           cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
     assert safe.returncode == 1 and "disabled in --safe mode" in safe.stderr and not (tmp_path / "s.html").exists()
+
+
+# --- the live pages, in headless Chromium ------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
+    if executable is None:
+        pytest.skip(f"no Chromium to test the pages in (none of {', '.join(CHROMIUM_NAMES)} on PATH; .ci/run "
+                    "installs Debian's chromium with apt-get where it can)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def open_page(browser, session, tmp_path):
+    """Write table `name`'s page, open it, and check afterwards that the console had no errors and
+    that the page asked for nothing but its own file."""
+    pages, errors, requests = [], [], []
+
+    def opened(name: str):
+        path = tmp_path / f"{name}.html"
+        write_html(session, name, path)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("request", lambda request: None if request.url.startswith("file:") else requests.append(request.url))
+        page.goto(path.as_uri())
+        page.wait_for_selector("body[data-ready=yes]", timeout=15000)
+        pages.append(page)
+        return page
+
+    yield opened
+    for page in pages:
+        page.close()
+    assert errors == [] and requests == []
+
+
+def data_point(page, plot: str, x: float, y: float) -> tuple[float, float]:
+    """Where plot coordinates (x, y) are on the screen."""
+    return tuple(page.evaluate("""([id, x, y]) => {
+        const gd = document.getElementById(id), size = gd._fullLayout._size;
+        const box = gd.getBoundingClientRect();
+        return [box.left + size.l + gd._fullLayout.xaxis.d2p(x), box.top + size.t + gd._fullLayout.yaxis.d2p(y)];
+    }""", [plot, x, y]))
+
+
+def hover_lines(page, plot: str, x: float, y: float) -> list[str]:
+    """Move the mouse onto plot coordinates (x, y) and read the hover label's lines."""
+    page.mouse.move(*data_point(page, plot, x, y))
+    label = page.wait_for_selector(f"#{plot} .hoverlayer .hovertext", timeout=5000)
+    return label.evaluate("""(label) => { const lines = [...label.querySelectorAll("tspan.line")];
+        return lines.length ? lines.map((line) => line.textContent) : [label.textContent]; }""")
+
+
+def drawn_edges(page) -> int:
+    return page.locator("#graph .scatterlayer path.js-line").count()
+
+
+def test_the_route_graph_page_live(session, open_page, tmp_path):
+    page = open_page("route_edges")
+    [(n_nodes,)] = sql(session, "SELECT count(*) FROM route_nodes")
+    weights = [w for (w,) in sql(session, "SELECT weight FROM route_edges ORDER BY weight")]
+    assert page.locator("#graph path.point").count() == n_nodes
+    assert drawn_edges(page) == sum(w > 0.04 for w in weights) == len(weights)
+    assert "threshold 0.04" in page.inner_text("#note")
+    page.screenshot(path=tmp_path / "route_graph.png", full_page=True)
+    if os.environ.get("TDBQL_DOCS_SCREENSHOTS"):  # docs/routes-graph.png, the picture in docs/routes.md
+        page.screenshot(path=DOCS / "routes-graph.png", full_page=True)
+
+    middle = weights[len(weights) // 2]
+    page.evaluate("""(value) => { const slider = document.getElementById("threshold");
+        slider.value = value; slider.dispatchEvent(new Event("input")); }""", middle)
+    kept = sum(w >= middle for w in weights)
+    assert drawn_edges(page) == kept < len(weights)
+    assert page.inner_text("#edge-count") == f"{kept} of {len(weights)} edges"
+    page.screenshot(path=tmp_path / "route_graph_cut.png", full_page=True)
+
+    assert hover_lines(page, "graph", 1.0, 0.0)[:2] == ["embed at position 1", "token ' Mary'"]
+
+
+def test_a_click_on_a_head_edge_shows_its_attention_row(session, open_page, tmp_path):
+    page = open_page("route_edges")
+    drawn = route_graph_of(session, "route_edges", read_table(session, "route_edges"))
+    edge = max((e for e in drawn.edges if e.kind == "attn"), key=lambda e: e.weight)
+    middle = len(edge.xs) // 2
+    page.mouse.click(*data_point(page, "graph", edge.xs[middle], edge.ys[middle]))
+    page.wait_for_selector("#head-row .main-svg", timeout=5000)
+    assert page.inner_text("#panel-title").startswith(f"layer {edge.layer} head {edge.head}, query ")
+    assert page.locator("#head-row .bars .point").count() == edge.dst + 1
+    page.screenshot(path=tmp_path / "head_row.png", full_page=True)
+
+
+def test_the_attention_page_live(session, open_page, tmp_path):
+    page = open_page("pattern")
+    info = session.loaded.info()
+    assert page.locator("#head option").count() == info.n_heads
+    assert page.text_content("#heatmap .gtitle") == "layer 1 head 0"
+    head = info.n_heads - 1
+    page.select_option("#head", str(head))
+    page.wait_for_selector("body[data-ready=yes]")
+    assert page.text_content("#heatmap .gtitle") == f"layer 1 head {head}"
+    last = len(session.loaded.encode(IOI)) - 1
+    [(act,)] = sql(session, f"SELECT act FROM pattern WHERE unit = {head} AND position = {last} AND attended = 1")
+    lines = hover_lines(page, "heatmap", 1, last)
+    assert lines[0] == f"layer 1 head {head}" and "key ' Mary' 1" in lines and f"act {act!r}" in lines
+    page.screenshot(path=tmp_path / "attention.png", full_page=True)
+
+
+def test_the_ranked_page_live(session, open_page, tmp_path):
+    page = open_page("heads")
+    effects = [e for (e,) in sql(session, "SELECT direct_effect FROM heads ORDER BY rank")]
+    assert page.locator("#ranked tbody tr").count() == len(effects)
+    assert page.locator("#ranked tbody td.value .bar").count() >= len(effects)
+    header = page.locator("#ranked th", has_text="direct_effect")
+    header.click()
+    header.click()  # descending, then ascending
+    first = page.locator("#ranked tbody tr").first.locator("td.value .number").last.inner_text()
+    assert float(first) == pytest.approx(min(effects), rel=1e-3)
+    page.locator("#ranked tbody tr").first.hover()
+    assert page.is_visible("#context") and page.inner_text("#context mark") == " to"
+    page.screenshot(path=tmp_path / "ranked.png", full_page=True)
