@@ -56,6 +56,7 @@ def test_tutorial_runs(model_name, tdbql_bin, cli_env, tmp_path, monkeypatch):
     if model_name == "default":
         check_name_orders(session)
     check_interventions(session, shown)
+    check_route_page(session, tmp_path, model_name == "default")
     for picture in ("last_attention.png", "heads_mean.png", "recovery.png"):
         assert (tmp_path / picture).stat().st_size > 0
     session.close()
@@ -203,3 +204,32 @@ def check_generation(session: Session) -> None:
                             f"FROM {table}") == [(12, 4, 2, True)]
     assert sql(session, "SELECT count(*) FROM toward_mary") == [(4,)]
     assert sql(session, "SELECT count(*), max(step) FROM said_mary") == [(4, 0)]
+
+
+def check_route_page(session: Session, folder: Path, embedded: bool) -> None:
+    """Section 11: routes.html draws prompt 0's route (a line per edge row); on the embedded model
+    the strongest attention edge into the last token comes from each prompt's answer: head 1.0
+    from position 1 (answer first), head 3.0 from position 3 (answer second)."""
+    from tdbql.shell.pages import route_graph_of
+    from tdbql.shell.pages.sources import read_table
+
+    page = (folder / "routes.html").read_text()
+    assert "Plotly.newPlot" in page and "route_edges: route graph" in page
+    drawn = route_graph_of(session, "route_edges", read_table(session, "route_edges"))
+    assert (drawn.prompt_id, len(drawn.edges)) == (0, sql(session, "SELECT count(*) FROM route_edges "
+                                                                   "WHERE prompt_id = 0")[0][0])
+    if not embedded:
+        return
+    strongest = sql(session, """
+        SELECT e.prompt_id, arg_max((e.layer, e.head, e.src_position, t.token), e.weight)
+        FROM route_edges e JOIN tokens t ON t.prompt_id = e.prompt_id AND t.position = e.src_position
+        WHERE e.kind = 'attn' AND e.src_position < e.dst_position
+          AND e.dst_position = (SELECT max(position) FROM tokens WHERE prompt_id = e.prompt_id)
+        GROUP BY e.prompt_id ORDER BY e.prompt_id""")
+    targets = [p.target for p in session.prompts]
+    assert [tuple(s) for _, s in strongest] == [
+        (1, 0, 1, targets[0]), (3, 0, 3, targets[1]), (1, 0, 1, targets[2]), (3, 0, 3, targets[3])]
+    heads_into_last = {(layer, head, src) for layer, head, src in sql(session, """
+        SELECT layer, head, src_position FROM route_edges
+        WHERE prompt_id = 0 AND kind = 'attn' AND dst_position = 13 AND src_position < 13""")}
+    assert {(1, 0, 1), (3, 3, 9)} <= heads_into_last
