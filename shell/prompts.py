@@ -2,10 +2,12 @@
 
 Columns: `prompt` (or `text`), optional `target` and `distractor` (the per-prompt loss, which
 overrides the session `target`) and `corrupt` (the corrupted prompt of the pair, for patching). Extra columns are ignored. A `.txt` file has one prompt per line.
+A glob or a folder (`prompts from 'data/*.parquet'`) is a dataset: run/dataset.py streams it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -24,7 +26,12 @@ PROMPT_COLUMNS: tuple[str, ...] = TEXT_COLUMNS + OPTIONAL_COLUMNS
 
 
 def read_prompt_file(path: Path) -> list[PromptRow]:
-    """Read a prompt file into rows; raises TdbqlError for a missing file or bad columns."""
+    """Read a prompt file into rows; raises TdbqlError for a missing file or bad columns. A glob
+    or a folder of Parquet, JSONL or CSV files is read as a run's dataset is, a chunk at a time."""
+    from .run.dataset import is_dataset, stream_prompts
+
+    if is_dataset(path):
+        return stream_prompts(str(path))
     if not os.path.exists(path):  # os.path: a name too long or holding NUL is simply not there
         raise TdbqlError(f"prompt file not found: '{path}'")
     suffix = path.suffix.lower()
@@ -98,7 +105,7 @@ def resolve_path(path: str, source_name: str | None) -> Path:
     candidate = Path(path).expanduser()
     if not candidate.is_absolute() and source_name:
         beside = Path(source_name).parent / candidate
-        if os.path.exists(beside):
+        if os.path.exists(beside) or glob.glob(str(beside)):  # a file, a folder, or a glob that matches
             return beside
     return candidate
 

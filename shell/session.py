@@ -52,6 +52,7 @@ from .prompts import (
     resolve_path,
     tokens_table,
 )
+from .run.attach import attach_statement
 from .tables import (
     PROMPT_TABLES,
     QUERIES_DDL,
@@ -390,6 +391,10 @@ class Session:
         return result
 
     def _run_sql(self, stmt: SqlStmt, result: StatementResult, source_name) -> StatementResult:
+        if first_word(stmt.text) == "attach" and not self.safe:  # `attach 'results/'`: a dataset run's folder
+            result.message = attach_statement(self.con, stmt.text, source_name, joined=self._user_transaction)
+            if result.message is not None:
+                return result
         rel = self.con.sql(stmt.text)
         self._track_transaction(first_word(stmt.text))
         if rel is None:

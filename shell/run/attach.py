@@ -12,16 +12,20 @@ folder stays where it is.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import duckdb
 
 from ...query.errors import TdbqlError
+from ..prompts import resolve_path
 from ..tables import transaction
 from ..text import quote_ident
 from .shards import MANIFEST, Manifest
 
 PROMPT_TABLES = ("prompts", "tokens", "corrupt_tokens")
+# `attach 'results/'` or `attach results/`: no alias, no options (those are DuckDB's own ATTACH)
+_PLAIN_ATTACH = re.compile(r"\s*attach\s+(?:database\s+)?('(?:[^']|'')*'|[^\s;'()]+)\s*;?\s*", re.IGNORECASE)
 
 
 def _objects(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
@@ -31,6 +35,19 @@ def _objects(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def attach_statement(con: duckdb.DuckDBPyConnection, sql: str, source_name: str | None, *,
+                     joined: bool = False) -> str | None:
+    """`attach 'results/'` as a statement: when it names a folder (which DuckDB's ATTACH cannot
+    open: its databases are files), attach it as a run; None leaves the statement to DuckDB."""
+    match = _PLAIN_ATTACH.fullmatch(sql)
+    if match is None:
+        return None
+    name = match.group(1)
+    name = name[1:-1].replace("''", "'") if name.startswith("'") else name
+    folder = resolve_path(name, source_name)
+    return attach_run(con, folder, joined=joined) if folder.is_dir() else None
 
 
 def attach_run(con: duckdb.DuckDBPyConnection, folder: str | Path, *, joined: bool = False) -> str:

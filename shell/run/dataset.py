@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from ...query.context import PromptRow
 from ...query.errors import TdbqlError
+from ..prompts import OPTIONAL_COLUMNS, TEXT_COLUMNS
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
-TEXT_COLUMNS = ("prompt", "text")
-OPTIONAL_COLUMNS = ("target", "distractor", "corrupt")
+STREAM_ROWS = 4096  # rows read at a time by `stream_prompts`
 _GLOB_CHARS = set("*?[")
 
 
@@ -82,6 +83,12 @@ class RawRow:
     fields: dict[str, str | None] = field(default_factory=dict)  # prompt, target, distractor, corrupt
     extras: dict = field(default_factory=dict)
     error: str | None = None
+
+    def prompt(self, prompt_id: int) -> PromptRow:
+        """The row as a prompt (a row without an error)."""
+        f = self.fields
+        return PromptRow(prompt_id=prompt_id, text=f["prompt"], target=f["target"], distractor=f["distractor"],
+                         corrupt=f["corrupt"])
 
 
 # --- finding and scanning files ------------------------------------------------------------------
@@ -220,6 +227,42 @@ def _scan_csv(path: Path, stride: int, offset: int, fmt: str) -> tuple[int, list
     return max(rows, 0), columns, marks
 
 
+def is_dataset(spec: str | Path) -> bool:
+    """Whether `spec` names several files (a glob or a folder) rather than one prompt file."""
+    return bool(_GLOB_CHARS & set(str(spec))) or Path(spec).expanduser().is_dir()
+
+
+def stream_prompts(spec: str) -> list[PromptRow]:
+    """The prompts of a glob or a folder (`prompts from 'data/*.parquet'` in a session), read
+    file by file and `STREAM_ROWS` rows at a time: only the prompt fields of each chunk are kept,
+    never a whole file's table. The first malformed row is an error naming its file and row."""
+    out: list[PromptRow] = []
+    for path in find_files(spec):
+        for raw in _stream_file(scan(path, STREAM_ROWS)):
+            if raw.error is not None:
+                raise TdbqlError(f"{raw.where}: malformed row: {raw.error}")
+            out.append(raw.prompt(len(out)))
+    if not out:
+        raise TdbqlError(f"the dataset '{spec}' has no rows")
+    return out
+
+
+def _stream_file(data: DataFile) -> Iterator[RawRow]:
+    if data.format != "parquet":  # the text formats: each chunk read from its mark on
+        for start in range(0, data.rows, STREAM_ROWS):
+            yield from read_range(data, start, min(start + STREAM_ROWS, data.rows))
+        return
+    import pyarrow.parquet as pq
+
+    path, start = Path(data.path), 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(STREAM_ROWS):
+            yield from _parquet_rows(path, pa.Table.from_batches([batch]), start)
+            start += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise TdbqlError(f"cannot read prompts from '{path}': {exc}") from exc
+
+
 # --- reading a range of rows ---------------------------------------------------------------------
 
 
@@ -249,7 +292,11 @@ def _read_parquet(path: Path, start: int, stop: int) -> list[RawRow]:
         seen += n
     if not groups:
         return []
-    table = pf.read_row_groups(groups).slice(start - first, stop - start)
+    return _parquet_rows(path, pf.read_row_groups(groups).slice(start - first, stop - start), start)
+
+
+def _parquet_rows(path: Path, table: pa.Table, start: int) -> list[RawRow]:
+    """The rows of `table`, rows start.. of the file at `path`."""
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     return [_row(start + i, f"{path} row {start + i + 1}", {k: v[i] for k, v in columns.items()}, typed=True)
             for i in range(table.num_rows)]

@@ -134,9 +134,7 @@ class ShardRunner:
         for prompt_id, r in raw:
             error = r.error
             if error is None:
-                row = PromptRow(prompt_id=prompt_id, text=r.fields["prompt"],
-                                target=r.fields["target"], distractor=r.fields["distractor"],
-                                corrupt=r.fields["corrupt"])
+                row = r.prompt(prompt_id)
                 error = _row_problem(loaded, row)
             if error is None:
                 rows.append(row)

@@ -123,3 +123,44 @@ def test_no_files_or_a_wrong_suffix_are_errors(tmp_path):
     (tmp_path / "x.xlsx").write_text("")
     with pytest.raises(TdbqlError, match="expected one of"):
         find_files(str(tmp_path / "x.xlsx"))
+
+
+def test_prompts_from_a_glob_streams_the_dataset_a_chunk_at_a_time(dataset, rows, monkeypatch):
+    """`prompts from 'data/*'` in a session: the dataset's rows in order, read a few rows at a
+    time (a text file from its marks, Parquet by record batches), never a whole file at once."""
+    import pyarrow.parquet as parquet
+    from tdbql.shell.run import dataset as module
+    from tdbql.shell.session import Session
+
+    monkeypatch.setattr(module, "STREAM_ROWS", 7)
+    reads, batches = [], []
+    read_range_of = module.read_range
+    monkeypatch.setattr(module, "read_range", lambda data, start, stop: reads.append(stop - start)
+                        or read_range_of(data, start, stop))
+    iter_batches = parquet.ParquetFile.iter_batches
+    monkeypatch.setattr(parquet.ParquetFile, "iter_batches", lambda self, size, **kw: (
+        batches.append(b.num_rows) or b for b in iter_batches(self, size, **kw)))
+    monkeypatch.setattr(parquet, "read_table", None)  # a whole-file read would fail
+    session = Session()
+    try:
+        session.execute(f"prompts from '{dataset}/*'")
+        got = session.con.sql("SELECT prompt_id, text, target, distractor, corrupt FROM prompts "
+                              "ORDER BY prompt_id").fetchall()
+    finally:
+        session.close()
+    assert got == [(i, r["prompt"], r["target"], r["distractor"], r["corrupt"]) for i, r in enumerate(rows)]
+    assert max(reads) == 7 and sum(reads) == 60 + 30  # a.jsonl and c.csv, in chunks
+    assert max(batches) == 7 and sum(batches) == 70  # b.parquet, in record batches
+
+
+def test_a_malformed_row_in_a_streamed_dataset_names_its_file_and_line(tmp_path):
+    from tdbql.shell.session import Session
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text('{"prompt": "When Mary"}\n{"prompt": 3}\n')
+    session = Session()
+    try:
+        with pytest.raises(TdbqlError, match=r"a.jsonl:2: malformed row: its prompt is a int, not text"):
+            session.execute(f"prompts from '{tmp_path / 'data'}'")
+    finally:
+        session.close()

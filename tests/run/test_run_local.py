@@ -252,6 +252,24 @@ def test_attach_meta_command_and_cli_db(local_run, dataset, tmp_path, tdbql_bin,
     assert proc.returncode == 0 and proc.stdout.split() == ["n", "100"], proc.stderr
 
 
+def test_attach_statement_attaches_a_run_folder_and_leaves_duckdb_attach_alone(local_run, tmp_path):
+    """`attach 'OUT'` (or `attach OUT;`) names a folder, which DuckDB's ATTACH cannot open: it
+    attaches the run; a database file, or an alias, is DuckDB's own ATTACH."""
+    out, _, _ = local_run
+    session = Session()
+    try:
+        message = session.execute(f"attach '{out}';")[0].message
+        assert message.startswith(f"attached 15 views from {out}: prompts (160 rows)")
+        assert session.con.sql("select count(*) from top").fetchall() == [(20,)]
+        session.execute(f"attach {out}/;")
+        session.execute(f"attach '{tmp_path / 'other.duckdb'}' as other; create table other.t as select 1 as x;")
+        assert session.con.sql("select x from other.t").fetchall() == [(1,)]
+        with pytest.raises(TdbqlError, match="is not a tdbql run folder"):
+            session.execute(f"attach '{tmp_path}';")
+    finally:
+        session.close()
+
+
 def test_the_local_run_module_stays_fast(local_run):
     _, _, seconds = local_run
     print(f"local run of {len(QUERIES)} queries over 160 prompts: {seconds:.1f} s")
