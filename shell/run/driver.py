@@ -196,7 +196,7 @@ def run_dataset(options: RunOptions, *, fault: str | None = None) -> RunSummary:
         except TdbqlError as err:
             kept = len(manifest.shards)
             err.message += (f" ({kept} of {len(prep.shards)} shards committed in {out} are kept; the same command "
-                            "resumes)")
+                            "resumes)" if kept else f" (no shard was committed in {out}; a changed run may use it)")
             raise
         seconds = time.perf_counter() - started
         attempts = count_attempts(out, run_id)

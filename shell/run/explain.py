@@ -53,7 +53,8 @@ def explain_run(options: RunOptions) -> str:
     finally:
         runner.close()
     lines.append(_engine_line(options))
-    how = "--batch-size" if options.batch_size else "auto: from the memory budget"
+    how = ("--batch-size" if options.batch_size else "set batch_size in the run file" if session.settings.batch_size
+           else "auto: from the memory budget")
     lines.append(f"per worker: the model loaded once ({fmt_bytes(weights)} of weights), batches of {batch} prompts "
                  f"({how}), about {fmt_bytes(peak)} at the peak (weights and one batch, estimated on the first "
                  f"shard's prompts, up to {longest} tokens)")

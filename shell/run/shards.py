@@ -171,17 +171,22 @@ class Manifest:
         if old is None:
             if out.exists() and any(p.name not in ("_tmp", "_attempts", ".lock") for p in out.iterdir()):
                 raise TdbqlError(f"--out {out} holds files but no {MANIFEST}: give an empty or new folder")
-            out.mkdir(parents=True, exist_ok=True)
-            manifest = cls(out, {"format": FORMAT, **header, "tables": {}, "shards": {}, "runs": [],
-                                 "complete": False})
-            manifest.save()
-            return manifest
+            return cls._new(out, header)
         changed = [key for key in RESUME_KEYS if old.data.get(key) != header.get(key)]
+        if changed and not old.shards:  # nothing of the other run to keep: this run takes the folder
+            return cls._new(out, header)
         if changed:
             raise TdbqlError(f"{out} holds a run of another {' and '.join(_describe(k) for k in changed)}; "
                              "give another --out folder, or delete this one to start again")
         old.data.update({k: v for k, v in header.items() if k not in RESUME_KEYS})
         return old
+
+    @classmethod
+    def _new(cls, out: Path, header: dict) -> Manifest:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = cls(out, {"format": FORMAT, **header, "tables": {}, "shards": {}, "runs": [], "complete": False})
+        manifest.save()
+        return manifest
 
     @property
     def shards(self) -> dict[int, dict]:

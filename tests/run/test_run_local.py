@@ -172,10 +172,15 @@ def test_bad_input_is_a_clear_error(tmp_path, dataset):
     pq.write_table(pa.table({"question": ["a"]}), tmp_path / "q.parquet")
     with pytest.raises(TdbqlError, match="has no 'prompt'"):
         run(tmp_path, "topk 5 act", tmp_path / "q.parquet")
-    with pytest.raises(TdbqlError, match="layer 9 is out of range"):
+    with pytest.raises(TdbqlError, match="layer 9 is out of range") as info:
         run(tmp_path, "topk 5 act where layer = 9", dataset)
+    assert "no shard was committed in" in info.value.message
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(line + "\n" for line in (dataset.parent / "all.jsonl").read_text().splitlines()[:3]))
+    _, summary = run(tmp_path, "logits where token = -1 topk 1", small)  # the folder the failed run left empty
+    assert summary.computed == 1
     with pytest.raises(TdbqlError, match="holds a run of another query file"):
-        run(tmp_path, "topk 6 act", dataset)
+        run(tmp_path, "logits where token = -1 topk 2", small)
 
 
 def malformed_dataset(folder, rows):
@@ -217,7 +222,7 @@ def test_explain_shows_shards_batch_size_and_memory_per_worker(tmp_path, dataset
                                   engine="ray", workers=2, shard_rows=SHARD_ROWS))
     assert "160 prompts; 3 shards of up to 64 prompts" in text
     assert "engine: ray at a local Ray started with this machine's cores, 2 workers" in text
-    assert f"batches of {BATCH} prompts" in text and "at the peak" in text and "MiB" in text
+    assert f"batches of {BATCH} prompts (set batch_size in the run file)" in text and "at the peak" in text and "MiB" in text
     assert "query 1 (top): each shard's top k per group, ranked again over their union" in text
     assert "query 2 (m):" in text
     assert not (tmp_path / "o").exists()
