@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -41,17 +43,20 @@ def checkpoint(folder: Path, small: bool) -> Path:
     return folder
 
 
-def timed(fn, repeats: int = 3) -> tuple[float, object]:
-    fn()  # warm
-    best, out = float("inf"), None
+def interleaved(contenders: dict, repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    """A warm-up call of each, then `repeats` rounds calling each once in turn (so machine load
+    hits them alike): the median seconds of each and its last output."""
+    outputs = {name: fn() for name, fn in contenders.items()}
+    times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
-def run(small: bool, tokens: int) -> dict:
+def run(small: bool, tokens: int, repeats: int) -> dict:
     import transformers
 
     from tdbql.executor.generate import continuation
@@ -63,8 +68,6 @@ def run(small: bool, tokens: int) -> dict:
     loaded = load_model(str(folder))
     row = PromptRow(prompt_id=0, text=PROMPT)
     none = Interventions()
-    cache_s, (cached, _) = timed(lambda: continuation(loaded, row, tokens, 0.0, None, none))
-    plain_s, (uncached, _) = timed(lambda: continuation(loaded, row, tokens, 0.0, None, none, use_cache=False))
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     hf.generation_config.eos_token_id = None
     ids = torch.tensor([loaded.encode(PROMPT)])
@@ -73,9 +76,15 @@ def run(small: bool, tokens: int) -> dict:
         with torch.no_grad():
             return hf.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
 
-    hf_s, hf_ids = timed(hf_generate)
+    seconds, out = interleaved({
+        "tdbql_kv_cache": lambda: continuation(loaded, row, tokens, 0.0, None, none)[0],
+        "tdbql_no_cache": lambda: continuation(loaded, row, tokens, 0.0, None, none, use_cache=False)[0],
+        "transformers_generate": hf_generate,
+    }, repeats)
+    cache_s, plain_s, hf_s = seconds["tdbql_kv_cache"], seconds["tdbql_no_cache"], seconds["transformers_generate"]
     return {
-        "command": f"python bench/generation.py{' --small' if small else ''} --tokens {tokens}",
+        "command": f"python bench/generation.py{' --small' if small else ''} --tokens {tokens} --repeats {repeats}",
+        "load_average": os.getloadavg(), "statistic": f"median of {repeats} interleaved rounds after a warm-up",
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine()},
         "model": "GPT-2 shape, random weights, vocab 512" + (" (tiny)" if small else " (12 layers, d_model 768)"),
@@ -85,7 +94,7 @@ def run(small: bool, tokens: int) -> dict:
                          "transformers_generate": tokens / hf_s},
         "no_cache_over_cache": plain_s / cache_s,
         "tdbql_over_transformers": cache_s / hf_s,
-        "same_tokens": cached == uncached == hf_ids,
+        "same_tokens": out["tdbql_kv_cache"] == out["tdbql_no_cache"] == out["transformers_generate"],
     }
 
 
@@ -93,9 +102,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    result = run(args.small, args.tokens)
+    result = run(args.small, args.tokens, args.repeats)
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
