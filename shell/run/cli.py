@@ -75,8 +75,9 @@ def options_from(args, parser: argparse.ArgumentParser) -> RunOptions:
 class RunProgress:
     """Prompts done of all, prompts/s and an ETA on stderr (a terminal only), per shard."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, console=None) -> None:  # console: rich's, default stderr
         self.enabled, self.bar, self.task, self.first, self.started = enabled, None, None, None, time.monotonic()
+        self.console = console
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
@@ -86,7 +87,7 @@ class RunProgress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress("prompts", BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                                TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
+                                TextColumn("ETA"), TimeRemainingColumn(), console=self.console or Console(stderr=True),
                                 transient=True)
             self.bar.start()
             self.first = done

@@ -279,3 +279,21 @@ def test_the_local_run_module_stays_fast(local_run):
     _, _, seconds = local_run
     print(f"local run of {len(QUERIES)} queries over 160 prompts: {seconds:.1f} s")
     assert seconds < 240
+
+
+def test_progress_shows_prompts_done_prompts_per_second_and_an_eta():
+    import io
+    import re
+
+    from rich.console import Console
+    from tdbql.shell.run.cli import RunProgress
+
+    buffer = io.StringIO()
+    progress = RunProgress(True, console=Console(file=buffer, force_terminal=True, width=100))
+    for done in (32, 64, 96):
+        time.sleep(0.2)
+        progress(done, 160)
+    time.sleep(0.2)  # one refresh of the bar
+    progress.close()
+    last = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue()).split("\r")[-2]
+    assert re.search(r"96/160 +\d+\.\d prompts/s ETA 0:00:0\d", last), last
