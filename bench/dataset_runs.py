@@ -4,7 +4,9 @@ Contenders, on the same dataset (IOI prompts of four templates, each with its ow
 distractor, as one Parquet file) and the same run file:
 
 - one_process: a `Session`, what `tdbql -f q.tql` does: `prompts from 'data.parquet'`, then the
-  queries (torch's threads as the session sets them);
+  queries, on `--threads` torch threads (default 1: on a shared 2-core machine two OpenMP threads
+  spin against other work, and one process's time varied 10x from run to run; with one thread,
+  `--workers 2` measures what a second worker buys);
 - local: `tdbql run --engine local`: the same in one process, shard by shard, to Parquet;
 - ray: `tdbql run --engine ray --workers W` on a local Ray (one CPU and one torch thread per
   actor). Ray is started first and timed apart (`ray_init_seconds`); the run's own time includes
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-rows", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32, help="divides --shard-rows: the same batches everywhere")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of the three contenders; medians are reported")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of one process (and local); each Ray actor has one (its one CPU)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "cpu-datasets.json"))
     args = parser.parse_args(argv)
     if args.shard_rows % args.batch_size:
@@ -160,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    torch.set_num_threads(args.threads)
     report: dict = {
         "command": "python bench/dataset_runs.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -202,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["bitwise_equal"] = {t: {name: tables[name][t].equals(expected[t]) for name in ("local", "ray")}
                                for t in TABLES}
-    report["max_relative_difference"] = {t: {name: difference(tables[name][t], expected[t]) for name in ("local", "ray")}
-                                         for t in TABLES}
+    report["max_relative_difference"] = {t: {name: difference(tables[name][t], expected[t])
+                                             for name in ("local", "ray")} for t in TABLES}
     same = {t: {name: d <= RTOL for name, d in ds.items()} for t, ds in report["max_relative_difference"].items()}
     report["same_results"] = same
     report["rows"] = {t: expected[t].num_rows for t in TABLES}
