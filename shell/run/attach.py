@@ -12,6 +12,7 @@ folder stays where it is.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def attach_statement(con: duckdb.DuckDBPyConnection, sql: str, source_name: str 
     name = match.group(1)
     name = name[1:-1].replace("''", "'") if name.startswith("'") else name
     folder = resolve_path(name, source_name)
-    return attach_run(con, folder, joined=joined) if folder.is_dir() else None
+    return attach_run(con, folder, joined=joined) if os.path.isdir(folder) else None  # os.path: never raises
 
 
 def attach_run(con: duckdb.DuckDBPyConnection, folder: str | Path, *, joined: bool = False) -> str:

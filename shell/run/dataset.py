@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,12 +105,12 @@ def find_files(spec: str) -> list[Path]:
         if not found:
             raise TdbqlError(f"no prompt files match '{spec}' (suffixes {suffixes})")
         return [p.resolve() for p in found]
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path: a name too long or holding NUL is simply not there
         found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
         if not found:
             raise TdbqlError(f"the folder '{spec}' holds no prompt files (suffixes {suffixes})")
         return [p.resolve() for p in found]
-    if not path.exists():
+    if not os.path.exists(path):
         raise TdbqlError(f"no such prompts file or folder: '{spec}'")
     if path.suffix.lower() not in FORMATS:
         raise TdbqlError(f"cannot read prompts from '{path.name}': expected one of {suffixes}")
@@ -229,7 +230,7 @@ def _scan_csv(path: Path, stride: int, offset: int, fmt: str) -> tuple[int, list
 
 def is_dataset(spec: str | Path) -> bool:
     """Whether `spec` names several files (a glob or a folder) rather than one prompt file."""
-    return bool(_GLOB_CHARS & set(str(spec))) or Path(spec).expanduser().is_dir()
+    return bool(_GLOB_CHARS & set(str(spec))) or os.path.isdir(Path(spec).expanduser())
 
 
 def stream_prompts(spec: str) -> list[PromptRow]:

@@ -164,3 +164,12 @@ def test_a_malformed_row_in_a_streamed_dataset_names_its_file_and_line(tmp_path)
             session.execute(f"prompts from '{tmp_path / 'data'}'")
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("name", ["a" * 5000, "a\x00b"])
+def test_a_name_too_long_or_holding_nul_is_simply_not_there(name):
+    from tdbql.shell.run.dataset import is_dataset
+
+    assert not is_dataset(name)
+    with pytest.raises(TdbqlError, match="no such prompts file or folder"):
+        find_files(name)
