@@ -52,7 +52,6 @@ from .prompts import (
     resolve_path,
     tokens_table,
 )
-from .run.attach import attach_statement
 from .tables import (
     PROMPT_TABLES,
     QUERIES_DDL,
@@ -392,6 +391,7 @@ class Session:
 
     def _run_sql(self, stmt: SqlStmt, result: StatementResult, source_name) -> StatementResult:
         if first_word(stmt.text) == "attach" and not self.safe:  # `attach 'results/'`: a dataset run's folder
+            from .run.attach import attach_statement  # (imported here: it reads Parquet, a cold start need not)
             result.message = attach_statement(self.con, stmt.text, source_name, joined=self._user_transaction)
             if result.message is not None:
                 return result
