@@ -291,9 +291,15 @@ def _read_parquet(path: Path, start: int, stop: int) -> list[RawRow]:
             groups.append(g)
             first = seen if first is None else first
         seen += n
-    if not groups:
-        return []
-    return _parquet_rows(path, pf.read_row_groups(groups).slice(start - first, stop - start), start)
+    out, at = [], first
+    for batch in pf.iter_batches(STREAM_ROWS, row_groups=groups) if groups else ():  # never a whole row group
+        lo, hi = max(start, at), min(stop, at + batch.num_rows)
+        if lo < hi:
+            out += _parquet_rows(path, pa.Table.from_batches([batch]).slice(lo - at, hi - lo), lo)
+        at += batch.num_rows
+        if at >= stop:
+            break
+    return out
 
 
 def _parquet_rows(path: Path, table: pa.Table, start: int) -> list[RawRow]:

@@ -173,3 +173,19 @@ def test_a_name_too_long_or_holding_nul_is_simply_not_there(name):
     assert not is_dataset(name)
     with pytest.raises(TdbqlError, match="no such prompts file or folder"):
         find_files(name)
+
+
+def test_a_shard_of_a_large_row_group_reads_record_batches_up_to_its_last_row(tmp_path, monkeypatch):
+    import pyarrow.parquet as parquet
+    from tdbql.shell.run import dataset as module
+
+    path = tmp_path / "one_group.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(5000)]}), path, row_group_size=5000)
+    monkeypatch.setattr(module, "STREAM_ROWS", 100)
+    decoded = []
+    iter_batches = parquet.ParquetFile.iter_batches
+    monkeypatch.setattr(parquet.ParquetFile, "iter_batches", lambda self, size, **kw: (
+        decoded.append(b.num_rows) or b for b in iter_batches(self, size, **kw)))
+    got = read_range(scan(path, 64), 250, 260)
+    assert [(r.index, r.fields["prompt"]) for r in got] == [(i, f"p{i}") for i in range(250, 260)]
+    assert decoded == [100, 100, 100]  # rows 0..299 of the group's 5,000
