@@ -1,12 +1,9 @@
 """A tdbql session: one model, one DuckDB connection, one prompt set, one default loss.
 
-`Session.execute(text)` parses a program and runs its statements in order (parse -> bind ->
-engine -> DuckDB). It knows nothing about terminals: the REPL, the CLI and the tests all drive
-it the same way (pgcli's `pgexecute.py` role).
-
-Tables every session keeps (docs/language.md): `prompts`, `tokens`, `queries` (one provenance row per
-model query), one table per model query (`as name`, else q1, q2, ...; routes give
-`route_nodes`/`route_edges`, or `name_nodes`/`name_edges`), and the view `_` over the last one.
+`Session.execute(text)` parses a program and runs its statements in order (parse -> bind -> engine
+-> DuckDB); it knows nothing about terminals (pgcli's `pgexecute.py` role). Tables it keeps
+(docs/language.md): `prompts`, `tokens`, `queries` (a provenance row per model query), a table per
+model query (`as name`, else q1, q2, ...; routes give `route_nodes`/`route_edges`), the view `_`.
 """
 
 from __future__ import annotations
@@ -278,6 +275,11 @@ class Session:
         if isinstance(stmt, QUERY_TYPES):
             return self._bind_query(stmt, span, text)
         return stmt
+
+    def run_unsaved(self, text: str) -> pa.Table:
+        """One model query's result table, keeping nothing (no table, no `queries` row)."""
+        [(statement, span)] = parse(text)
+        return self._engine().run(self._bind(statement, span, text), self.prompts)["result"]
 
     def _bind_query(self, query, span: Span, text: str, explain: bool = False) -> BoundQuery:
         if not self.prompts:

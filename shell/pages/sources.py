@@ -10,7 +10,6 @@ import json
 import pyarrow as pa
 
 from ...executor.arrow import LENS_SCHEMA
-from ...grammar.parse import parse
 from ...query.errors import TdbqlError
 from ..display import rows_of
 from ..text import quote_ident
@@ -91,7 +90,7 @@ def attention_rows(session, prompt_id: int, heads: set[tuple[int, int, int]]) ->
     text = (f"select act of attn where prompt = {prompt_id} and layer in ({', '.join(map(str, layers))}) "
             f"and token in ({', '.join(map(str, queries))})")
     try:
-        table = run_unsaved(session, text)
+        table = session.run_unsaved(text)
     except TdbqlError as err:
         return {}, f"the prompt set changed since the routes ran ({err.message})"
     rows: dict[str, list[float]] = {}
@@ -100,10 +99,3 @@ def attention_rows(session, prompt_id: int, heads: set[tuple[int, int, int]]) ->
             key = f"{row['layer']},{row['unit']},{row['position']}"
             rows.setdefault(key, [0.0] * (row["position"] + 1))[row["attended"]] = row["act"]
     return rows, ""
-
-
-def run_unsaved(session, text: str) -> pa.Table:
-    """Run one tdbql query on the session's model and return its table, keeping nothing."""
-    [(statement, span)] = parse(text)
-    bound = session._bind(statement, span, text)
-    return session._engine().run(bound, session.prompts)["result"]
