@@ -8,10 +8,10 @@ The table's kind picks the picture (`choose_kind`), unless `--kind` names one:
   with layer, head and prompt in the titles (one heatmap of heads x keys for a single query);
 - `patching` (columns layer, position, recovered): layer x position heatmap of `recovered`;
 - `layers` (layer and position without units): layer x position heatmap of the value;
-- `routes` (route edges): bars of `weight`;
-- `bars`: ranked rows as bars labelled with compact node ids (mixed node tables, logits);
-- `graph` (only asked for, `--kind graph`): a routes edges table as the route graph the `.html`
-  page draws (token columns, layer rows, line width by weight).
+- `graph` (route edges): the route graph the `.html` page draws (token columns, layer rows, line
+  width by weight);
+- `routes` (only asked for, `--kind routes`): a route edges table's strongest edges as bars of `weight`;
+- `bars`: ranked rows as bars labelled with compact node ids (mixed node tables, logits).
 Colour maps diverge around 0 (TwoSlopeNorm) only when the values take both signs. A table with
 several prompts draws the first and says so in the title.
 """
@@ -54,7 +54,7 @@ def choose_kind(table: pa.Table) -> str:
     names = set(table.column_names)
     components = _values(table, "component")
     if {"src_position", "dst_position", "weight"} <= names:
-        return "routes"
+        return "graph"
     if {"layer", "position", "vocab_id", "token"} <= names and "component" not in names \
             and not _all(_values(table, "layer"), lambda v: v is None):
         return "lens"

@@ -136,10 +136,11 @@ def test_a_patching_table_is_a_layer_by_position_heatmap_of_recovered(session):
     assert "colour recovered" in draw(heads).note
 
 
-def test_route_edges_are_bars_of_weight(session):
+def test_route_edges_are_the_route_graph_or_asked_for_bars_of_weight(session):
     edges = table(session, "routes", "route_edges")
-    assert choose_kind(edges) == "routes"
-    picture = draw(edges, title="route_edges", input_tokens=input_tokens(session))
+    assert choose_kind(edges) == "graph"
+    assert draw(edges, title="route_edges", input_tokens=input_tokens(session)).kind == "graph"
+    picture = draw(edges, kind="routes", title="route_edges", input_tokens=input_tokens(session))
     ax = picture.figure.axes[0]
     assert picture.kind == "routes" and ax.get_xlabel() == "weight"
     widths = [p.get_width() for p in ax.patches]
