@@ -50,6 +50,20 @@ def metric_of(loaded, loss: Loss | None, batch: Batch, hooks: HookSet | None = N
     return prompt_losses(loaded.encode, loss, batch.rows, last).double()
 
 
+def variant_metrics(loaded, loss: Loss | None, run_row: PromptRow, variants: Sequence, batch_size: int,
+                    edits: Interventions, add_variants: Callable[[HookSet, Sequence], None],
+                    what: str = "prompt") -> Iterator[torch.Tensor]:
+    """The metric of copies of `run_row`, `batch_size` to a forward, copy r of each batch under
+    the statement's edits and what `add_variants(hooks, chunk)` hooks in for chunk[r]."""
+    for start in range(0, len(variants), batch_size):
+        chunk = variants[start:start + batch_size]
+        copies = padded(loaded, [run_row] * len(chunk), what)
+        hooks = HookSet()
+        edits.add(hooks, copies)
+        add_variants(hooks, chunk)
+        yield metric_of(loaded, loss, copies, hooks)
+
+
 # --- metric -------------------------------------------------------------------------------------------
 
 
@@ -168,15 +182,13 @@ def _pair_rows(loaded, query: PatchingQuery, loss, pair: PromptRow, source: str,
     hooks = HookSet()
     edits.add(hooks, run)
     metric_run = float(metric_of(loaded, loss, run, hooks)[0])
-    patched = []
-    for start in range(0, len(variants), batch_size):
-        chunk = variants[start:start + batch_size]
-        copies = padded(loaded, [run_row] * len(chunk), f"{run_side} prompt")
-        hooks = HookSet()
-        edits.add(hooks, copies)
+
+    def add_variants(hooks: HookSet, chunk: Sequence) -> None:
         for (location, layer), e in _variant_edits(chunk, n_run, n_source, run.input_ids.device).items():
             hooks.add(location, layer, _sweep_hook(location, e, cache[(location, layer)]))
-        patched.append(metric_of(loaded, loss, copies, hooks))
+
+    patched = list(variant_metrics(loaded, loss, run_row, variants, batch_size, edits, add_variants,
+                                   f"{run_side} prompt"))
     metric_patched = torch.cat(patched) if patched else torch.zeros(0, dtype=torch.float64)
     clean, corrupt = (metric_source, metric_run) if source == "clean" else (metric_run, metric_source)
     return _rows(pair.prompt_id, variants, run_row, loaded, clean, corrupt, metric_patched, source, relative)

@@ -31,7 +31,7 @@ from ..query.context import NOTE_KEY, PromptRow
 from ..query.errors import TdbqlError
 from .interventions import Edits, Interventions, capture, write
 from .pairs import side
-from .patching import metric_of, padded
+from .patching import metric_of, padded, variant_metrics
 from .physical import NodePlan
 from .runtime.hooks import HookSet
 
@@ -82,17 +82,14 @@ def _prompt_effects(loaded, rows: list[dict], prompt: PromptRow, plan: NodePlan,
     hooks = HookSet()
     edits.add(hooks, run)
     baseline = float(metric_of(loaded, loss, run, hooks)[0])
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        copies = padded(loaded, [run_row] * len(chunk))
-        hooks = HookSet()
-        edits.add(hooks, copies)
+
+    def add_edits(hooks: HookSet, chunk: Sequence) -> None:
         for (location, layer, _), e in _row_edits(chunk, run.input_ids.device).items():
             hooks.add(location, layer, _edit_hook(location, e, None if source is None else source[(location, layer)]))
-        metrics = metric_of(loaded, loss, copies, hooks).numpy()
-        out.append(metrics - baseline if patching else baseline - metrics)
-    return np.concatenate(out)
+
+    metrics = np.concatenate([m.numpy() for m in variant_metrics(loaded, loss, run_row, rows, batch_size, edits,
+                                                                  add_edits)])
+    return metrics - baseline if patching else baseline - metrics
 
 
 def _row_edits(chunk: list[dict], device) -> dict[tuple[str, int | None, bool], Edits]:
