@@ -52,17 +52,30 @@ def heading(title: str, note: str) -> str:
     return f"<h1>{html.escape(title)}</h1>\n<p class=\"note\" id=\"note\">{html.escape(note)}</p>"
 
 
-def route_graph_of(session, name: str, table: pa.Table) -> graph.RouteGraph:
-    """The graph of a routes table with its sibling, tokens, threshold, lens tops and head rows."""
+MAX_PROMPTS = 16  # prompts a route graph page carries (each with its own attention rows)
+
+
+def routes_rows(session, name: str, table: pa.Table) -> tuple[list[dict], list[dict] | None]:
+    """The edge and node rows of a routes table and its sibling."""
     if graph.EDGE_COLUMNS <= set(table.column_names):
         edges, nodes = table, sibling(session, name, "nodes")
     else:
         edges, nodes = sibling(session, name, "edges"), table
-    edge_rows = rows_of(edges) if edges is not None else []
-    node_rows = rows_of(nodes) if nodes is not None else None
-    prompt_id = min(r["prompt_id"] for r in edge_rows or node_rows)
+    return (rows_of(edges) if edges is not None else []), (rows_of(nodes) if nodes is not None else None)
+
+
+def route_prompts(session, name: str, table: pa.Table) -> list[int]:
+    edge_rows, node_rows = routes_rows(session, name, table)
+    return sorted({r["prompt_id"] for r in edge_rows or node_rows})
+
+
+def route_graph_of(session, name: str, table: pa.Table, prompt_id: int | None = None) -> graph.RouteGraph:
+    """Prompt `prompt_id`'s graph of a routes table (default: the first prompt's) with its sibling,
+    tokens, threshold, lens tops and head rows."""
+    edge_rows, node_rows = routes_rows(session, name, table)
+    prompt_id = min(r["prompt_id"] for r in edge_rows or node_rows) if prompt_id is None else prompt_id
     tokens = input_tokens(session, prompt_id)
-    drawn = graph.route_graph(edge_rows, node_rows, tokens, lens_tops(session, prompt_id))
+    drawn = graph.route_graph(edge_rows, node_rows, tokens, lens_tops(session, prompt_id), prompt_id)
     drawn.threshold = routes_threshold(session, name)
     same_prompt = all(tokens.get(p) == t for p, t in drawn.tokens.items())
     heads = {(e.layer, e.head, e.dst) for e in drawn.edges if e.kind == "attn"}
@@ -72,18 +85,25 @@ def route_graph_of(session, name: str, table: pa.Table) -> graph.RouteGraph:
 
 
 def graph_page(session, name: str, table: pa.Table) -> tuple[str, str]:
-    drawn = route_graph_of(session, name, table)
+    prompts = route_prompts(session, name, table)
+    graphs = [route_graph_of(session, name, table, p) for p in prompts[:MAX_PROMPTS]]
+    drawn = graphs[0]
     threshold = f"threshold {drawn.threshold:g}" if drawn.threshold is not None else "threshold unknown"
-    note = "; ".join(filter(None, [drawn.note or f"prompt {drawn.prompt_id}", threshold,
-                                   f"{len(drawn.nodes)} nodes, {len(drawn.edges)} edges"]))
+    counts = f"{len(drawn.nodes)} nodes, {len(drawn.edges)} edges"
+    if len(prompts) == 1:
+        note = f"prompt {drawn.prompt_id}; {threshold}; {counts}"
+    else:
+        held = "pick one" if len(graphs) == len(prompts) else f"the first {len(graphs)} to pick from"
+        note = f"{len(prompts)} prompts ({held}); {threshold}; prompt {drawn.prompt_id} first: {counts}"
     legend = "".join(f"<span><span class=\"swatch\" style=\"background:{graph.COLOURS[k]}\"></span>{text}</span>"
                      for k, text in (("attn", "attention (one line per head)"), ("mlp", "MLP"),
                                      ("attn_resid", "residual")))
-    body = (f"{heading(f'{name}: route graph', note)}\n<div class=\"controls\">"
+    picker = "" if len(graphs) == 1 else "<label>prompt <select id=\"prompt\"></select></label>"
+    body = (f"{heading(f'{name}: route graph', note)}\n<div class=\"controls\">{picker}"
             f"<label>hide edges below <input type=\"range\" id=\"threshold\"> <span id=\"threshold-value\"></span>"
             f"</label><span id=\"edge-count\"></span>{legend}</div>\n<div id=\"graph\"></div>\n"
             f"<div id=\"panel\">Click an attention edge to see its head's attention row.</div>")
-    data = {**graph.page_data(drawn), "attention_note": drawn.attention_note}
+    data = {"graphs": [graph.page_data(g) for g in graphs]}
     return html_page(f"{name}: route graph", body, data, "graph.js", plotly=True), note
 
 

@@ -1,13 +1,16 @@
-// The route graph page: plotly draws the figure; this script hides edges below the slider's
-// threshold (no reload) and shows a head's attention row when an attention edge is clicked.
+// The route graph page: plotly draws the figure of the prompt picked (one figure per prompt);
+// this script hides edges below the slider's threshold (no reload) and shows a head's attention
+// row when an attention edge is clicked.
 (function () {
-  const data = PAGE_DATA;
+  const graphs = PAGE_DATA.graphs;
   const graph = document.getElementById("graph");
   const slider = document.getElementById("threshold");
   const shown = document.getElementById("threshold-value");
   const counted = document.getElementById("edge-count");
   const panel = document.getElementById("panel");
-  const edges = data.figure.data.slice(1);  // the nodes are trace 0
+  const picker = document.getElementById("prompt");
+  let data = graphs[0];
+  let edges = [];
 
   function showAbove(threshold) {
     const visible = edges.map((trace) => trace.meta.weight >= threshold);
@@ -47,18 +50,33 @@
     { displaylogo: false, responsive: true });
   }
 
-  Plotly.newPlot(graph, data.figure.data, data.figure.layout, { displaylogo: false, responsive: true })
-    .then(() => {
-      slider.min = data.threshold;
-      slider.max = Math.max(data.max_weight, data.threshold);
-      slider.step = "any";
-      slider.value = data.threshold;
-      showAbove(data.threshold);
-      slider.addEventListener("input", () => showAbove(Number(slider.value)));
-      graph.on("plotly_click", (event) => {
-        const meta = event.points[0].data.meta;
-        if (meta && meta.kind === "attn") showHead(meta);
+  function draw(picked) {  // the figure of one prompt, the slider back at its threshold
+    data = picked;
+    edges = data.figure.data.slice(1);  // the nodes are trace 0
+    panel.textContent = "Click an attention edge to see its head's attention row.";
+    return Plotly.react(graph, data.figure.data, data.figure.layout, { displaylogo: false, responsive: true })
+      .then(() => {
+        slider.min = data.threshold;
+        slider.max = Math.max(data.max_weight, data.threshold);
+        slider.step = "any";
+        slider.value = data.threshold;
+        showAbove(data.threshold);
       });
-      document.body.dataset.ready = "yes";
+  }
+
+  if (picker) {
+    graphs.forEach((g, i) => picker.add(new Option("prompt " + g.prompt_id, String(i))));
+    picker.addEventListener("change", () => {
+      document.body.dataset.ready = "no";
+      draw(graphs[Number(picker.value)]).then(() => { document.body.dataset.ready = "yes"; });
     });
+  }
+  draw(data).then(() => {
+    slider.addEventListener("input", () => showAbove(Number(slider.value)));
+    graph.on("plotly_click", (event) => {
+      const meta = event.points[0].data.meta;
+      if (meta && meta.kind === "attn") showHead(meta);
+    });
+    document.body.dataset.ready = "yes";
+  });
 })();

@@ -106,11 +106,18 @@ def bent(start: tuple[float, float], end: tuple[float, float], bend: float) -> l
 
 
 def route_graph(edge_rows: list[dict], node_rows: list[dict] | None, tokens: dict[int, str],
-                lens: dict[tuple[int, str, int], tuple[str, ...]] | None = None) -> RouteGraph:
-    """The first prompt's graph. Nodes come from the nodes table when there is one, else from the
-    edges' ends; `tokens` labels the columns (position -> token); `lens` gives a node's top tokens."""
-    edge_rows, note = first_prompt(edge_rows) if edge_rows else ([], "")
-    prompt_id = edge_rows[0]["prompt_id"] if edge_rows else None
+                lens: dict[tuple[int, str, int], tuple[str, ...]] | None = None,
+                prompt_id: int | None = None) -> RouteGraph:
+    """Prompt `prompt_id`'s graph (default: the first prompt's). Nodes come from the nodes table
+    when there is one, else from the edges' ends; `tokens` labels the columns (position -> token);
+    `lens` gives a node's top tokens."""
+    if prompt_id is not None:
+        edge_rows = [r for r in edge_rows if r["prompt_id"] == prompt_id]
+        node_rows = None if node_rows is None else [r for r in node_rows if r["prompt_id"] == prompt_id]
+        note = f"prompt {prompt_id}"
+    else:
+        edge_rows, note = first_prompt(edge_rows) if edge_rows else ([], "")
+        prompt_id = edge_rows[0]["prompt_id"] if edge_rows else None
     if node_rows:
         node_rows = [r for r in node_rows if r["prompt_id"] == prompt_id] if edge_rows else first_prompt(node_rows)[0]
         keys = {(r["layer"], r["kind"], r["position"]) for r in node_rows}
@@ -228,4 +235,6 @@ def page_data(graph: RouteGraph) -> dict:
         "max_weight": max(weights, default=1.0),
         "attention": graph.attention,
         "tokens": {str(p): t for p, t in graph.tokens.items()},
+        "prompt_id": graph.prompt_id,
+        "attention_note": graph.attention_note,
     }

@@ -107,6 +107,34 @@ def test_the_attention_page_has_a_heatmap_per_head(session, tmp_path):
         assert all(row[k] is None for q, row in enumerate(head["z"]) for k in range(q + 1, n))  # causal
 
 
+SWAPPED = "When Tom and Anna went to the park, Anna gave a ball to"
+
+
+@pytest.fixture(scope="module")
+def two_prompts(model_name):
+    session = Session(model=model_name)
+    session.execute(f"create table two_prompts as select * from (values ('{IOI}'), ('{SWAPPED}')) t(prompt);\n"
+                    'prompts from (select prompt from two_prompts)\ntarget " Mary" vs " John"\n'
+                    "routes threshold 0.04 as two")
+    yield session
+    session.close()
+
+
+def test_a_page_holds_each_prompts_graph(two_prompts, tmp_path):
+    from tdbql.shell.pages import graph_page
+
+    text, note = graph_page(two_prompts, "two_edges", read_table(two_prompts, "two_edges"))
+    assert note.startswith("2 prompts (pick one); threshold 0.04; prompt 0 first:")
+    assert '<select id="prompt">' in text
+    for prompt_id in (0, 1):
+        drawn = route_graph_of(two_prompts, "two_edges", read_table(two_prompts, "two_edges"), prompt_id)
+        assert drawn.prompt_id == prompt_id
+        assert sorted((e.layer, e.kind, e.head, e.src, e.dst) for e in drawn.edges) == sorted(sql(
+            two_prompts, f"SELECT layer, kind, head, src_position, dst_position FROM two_edges WHERE prompt_id = {prompt_id}"))
+        tokens = dict(sql(two_prompts, f"SELECT position, token FROM tokens WHERE prompt_id = {prompt_id}"))
+        assert all(n.token == tokens[n.position] for n in drawn.nodes)
+
+
 def test_pages_are_self_contained(session, tmp_path):
     for name in ("route_edges", "pattern", "heads"):
         text = (tmp_path / f"{name}.html").read_text() if write_html(session, name, tmp_path / f"{name}.html") \
@@ -284,6 +312,25 @@ def test_the_route_graph_page_live(session, open_page, tmp_path):
     page.screenshot(path=tmp_path / "route_graph_cut.png", full_page=True)
 
     assert hover_lines(page, "graph", 1.0, 0.0)[:2] == ["embed at position 1", "token ' Mary'"]
+
+
+def test_the_prompt_picker_draws_each_prompts_graph(two_prompts, browser, tmp_path):
+    path = tmp_path / "two.html"
+    write_html(two_prompts, "two_edges", path)
+    page, errors = browser.new_page(viewport={"width": 1280, "height": 900}), []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-ready=yes]", timeout=15000)
+    counts = dict(sql(two_prompts, "SELECT prompt_id, count(*) FROM two_edges GROUP BY ALL"))
+    assert drawn_edges(page) == counts[0]
+    page.select_option("#prompt", "1")
+    page.wait_for_selector("body[data-ready=yes]", timeout=15000)
+    assert drawn_edges(page) == counts[1] and page.inner_text("#edge-count") == f"{counts[1]} of {counts[1]} edges"
+    hovered = " ".join(hover_lines(page, "graph", 1.0, 0.0))  # the node at position 1 or an edge leaving it
+    assert "' Tom'" in hovered and "' Mary'" not in hovered
+    page.screenshot(path=tmp_path / "second_prompt.png", full_page=True)
+    page.close()
+    assert errors == []
 
 
 def test_a_click_on_a_head_edge_shows_its_attention_row(session, open_page, tmp_path):
