@@ -167,14 +167,18 @@ def draw_lens(table: pa.Table, context: Context):
     ax = figure.subplots()
     image = heatmap(ax, data, f"{context.value} of the top-1 token")
     annotate(ax, data, texts, image)
-    ax.invert_yaxis()  # the last layer on top
-    ax.set_xticks(range(len(positions)), position_labels(rows, positions, context, None), rotation=60,
-                  ha="right", fontsize=7)
+    layer_position_axes(ax, layers, position_labels(rows, positions, context, None))
+    set_title(ax, f"{context.title}: top-1 token by layer and position", prompt_note)
+    return figure, join_notes(prompt_note, f"top-1 token, colour {context.value}")
+
+
+def layer_position_axes(ax, layers: list[int], position_labels: list[str]) -> None:
+    """A layer x position grid's axes: positions along the bottom, the last layer on top."""
+    ax.invert_yaxis()
+    ax.set_xticks(range(len(position_labels)), position_labels, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
     ax.set_xlabel("position (input token)")
     ax.set_ylabel("layer")
-    set_title(ax, f"{context.title}: top-1 token by layer and position", prompt_note)
-    return figure, join_notes(prompt_note, f"top-1 token, colour {context.value}")
 
 
 def draw_heads(table: pa.Table, context: Context):
@@ -291,12 +295,7 @@ def draw_position_grid(table: pa.Table, context: Context, *, token_key: str | No
     ax = figure.subplots()
     image = heatmap(ax, data, context.value)
     annotate(ax, data, [[f"{v:.2f}" if np.isfinite(v) else "" for v in row] for row in data], image)
-    ax.invert_yaxis()
-    ax.set_xticks(range(len(positions)), position_labels(rows, positions, context, token_key), rotation=60,
-                  ha="right", fontsize=7)
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
-    ax.set_xlabel("position (input token)")
-    ax.set_ylabel("layer")
+    layer_position_axes(ax, layers, position_labels(rows, positions, context, token_key))
     set_title(ax, f"{context.title}: {context.value} by layer and position", prompt_note)
     repeat_note = f"{how} of the rows in each cell" if repeated else ""
     return figure, join_notes(prompt_note, f"colour {context.value}", repeat_note)
