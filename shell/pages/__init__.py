@@ -64,37 +64,45 @@ def routes_rows(session, name: str, table: pa.Table) -> tuple[list[dict], list[d
     return (rows_of(edges) if edges is not None else []), (rows_of(nodes) if nodes is not None else None)
 
 
-def route_prompts(session, name: str, table: pa.Table) -> list[int]:
+def route_graphs_of(session, name: str, table: pa.Table) -> tuple[list[graph.RouteGraph], int]:
+    """The graphs of a routes table's first MAX_PROMPTS prompts, with its sibling's rows, tokens,
+    threshold, lens tops and head rows (fetched for every prompt at once); and the prompt count."""
     edge_rows, node_rows = routes_rows(session, name, table)
-    return sorted({r["prompt_id"] for r in edge_rows or node_rows})
+    prompt_ids = sorted({r["prompt_id"] for r in edge_rows or node_rows})
+    graphs, heads = [], {}
+    for prompt_id in prompt_ids[:MAX_PROMPTS]:
+        tokens = input_tokens(session, prompt_id)
+        drawn = graph.route_graph(edge_rows, node_rows, tokens, lens_tops(session, prompt_id), prompt_id)
+        drawn.threshold = routes_threshold(session, name)
+        if all(tokens.get(p) == t for p, t in drawn.tokens.items()):
+            heads[prompt_id] = {(e.layer, e.head, e.dst) for e in drawn.edges if e.kind == "attn"}
+        else:
+            drawn.attention_note = "the prompt set changed since the routes ran"
+        graphs.append(drawn)
+    rows, note = attention_rows(session, heads)
+    for drawn in graphs:
+        if drawn.prompt_id in heads:
+            drawn.attention = rows.get(drawn.prompt_id, {})
+            drawn.attention_note = "" if drawn.attention else (note or "no attention edges")
+    return graphs, len(prompt_ids)
 
 
 def route_graph_of(session, name: str, table: pa.Table, prompt_id: int | None = None) -> graph.RouteGraph:
-    """Prompt `prompt_id`'s graph of a routes table (default: the first prompt's) with its sibling,
-    tokens, threshold, lens tops and head rows."""
-    edge_rows, node_rows = routes_rows(session, name, table)
-    prompt_id = min(r["prompt_id"] for r in edge_rows or node_rows) if prompt_id is None else prompt_id
-    tokens = input_tokens(session, prompt_id)
-    drawn = graph.route_graph(edge_rows, node_rows, tokens, lens_tops(session, prompt_id), prompt_id)
-    drawn.threshold = routes_threshold(session, name)
-    same_prompt = all(tokens.get(p) == t for p, t in drawn.tokens.items())
-    heads = {(e.layer, e.head, e.dst) for e in drawn.edges if e.kind == "attn"}
-    drawn.attention, drawn.attention_note = attention_rows(session, drawn.prompt_id, heads) if same_prompt else \
-        ({}, "the prompt set changed since the routes ran")
-    return drawn
+    """Prompt `prompt_id`'s graph of a routes table (default: the first prompt's)."""
+    graphs, _ = route_graphs_of(session, name, table)
+    return graphs[0] if prompt_id is None else next(g for g in graphs if g.prompt_id == prompt_id)
 
 
 def graph_page(session, name: str, table: pa.Table) -> tuple[str, str]:
-    prompts = route_prompts(session, name, table)
-    graphs = [route_graph_of(session, name, table, p) for p in prompts[:MAX_PROMPTS]]
+    graphs, n_prompts = route_graphs_of(session, name, table)
     drawn = graphs[0]
     threshold = f"threshold {drawn.threshold:g}" if drawn.threshold is not None else "threshold unknown"
     counts = f"{len(drawn.nodes)} nodes, {len(drawn.edges)} edges"
-    if len(prompts) == 1:
+    if n_prompts == 1:
         note = f"prompt {drawn.prompt_id}; {threshold}; {counts}"
     else:
-        held = "pick one" if len(graphs) == len(prompts) else f"the first {len(graphs)} to pick from"
-        note = f"{len(prompts)} prompts ({held}); {threshold}; prompt {drawn.prompt_id} first: {counts}"
+        held = "pick one" if len(graphs) == n_prompts else f"the first {len(graphs)} to pick from"
+        note = f"{n_prompts} prompts ({held}); {threshold}; prompt {drawn.prompt_id} first: {counts}"
     legend = "".join(f"<span><span class=\"swatch\" style=\"background:{graph.COLOURS[k]}\"></span>{text}</span>"
                      for k, text in (("attn", "attention (one line per head)"), ("mlp", "MLP"),
                                      ("attn_resid", "residual")))

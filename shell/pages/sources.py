@@ -77,25 +77,27 @@ def lens_tops(session, prompt_id: int | None) -> dict[tuple[int, str, int], tupl
     return tops
 
 
-def attention_rows(session, prompt_id: int, heads: set[tuple[int, int, int]]) -> tuple[dict[str, list[float]], str]:
-    """"layer,head,query" -> the head's attention probabilities over keys 0..query, for the
-    (layer, head, query) the graph's attention edges name; runs one `select act of attn` on the
-    session's model without keeping a table. Empty, with the reason, when it cannot."""
+def attention_rows(session, heads: dict[int, set[tuple[int, int, int]]]) -> tuple[dict[int, dict], str]:
+    """prompt -> "layer,head,query" -> the head's attention probabilities over keys 0..query, for
+    the (layer, head, query) each prompt's graph names; one `select act of attn` over every prompt
+    on the session's model, keeping no table. Empty, with the reason, when it cannot."""
+    heads = {prompt_id: wanted for prompt_id, wanted in heads.items() if wanted}
     if not heads:
         return {}, "no attention edges"
     if not session.is_loaded:
         return {}, "the model is not loaded in this session"
-    layers = sorted({layer for layer, _, _ in heads})
-    queries = sorted({query for _, _, query in heads})
-    text = (f"select act of attn where prompt = {prompt_id} and layer in ({', '.join(map(str, layers))}) "
-            f"and token in ({', '.join(map(str, queries))})")
+    listed = lambda values: ", ".join(map(str, sorted(values)))  # noqa: E731
+    layers = {layer for wanted in heads.values() for layer, _, _ in wanted}
+    queries = {query for wanted in heads.values() for _, _, query in wanted}
+    text = (f"select act of attn where prompt in ({listed(heads)}) and layer in ({listed(layers)}) "
+            f"and token in ({listed(queries)})")
     try:
         table = session.run_unsaved(text)
     except TdbqlError as err:
         return {}, f"the prompt set changed since the routes ran ({err.message})"
-    rows: dict[str, list[float]] = {}
+    rows: dict[int, dict[str, list[float]]] = {prompt_id: {} for prompt_id in heads}
     for row in rows_of(table):
-        if (row["layer"], row["unit"], row["position"]) in heads:
+        if (row["layer"], row["unit"], row["position"]) in heads.get(row["prompt_id"], ()):
             key = f"{row['layer']},{row['unit']},{row['position']}"
-            rows.setdefault(key, [0.0] * (row["position"] + 1))[row["attended"]] = row["act"]
+            rows[row["prompt_id"]].setdefault(key, [0.0] * (row["position"] + 1))[row["attended"]] = row["act"]
     return rows, ""
