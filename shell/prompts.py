@@ -69,10 +69,20 @@ def _read_arrow(path: Path, suffix: str) -> pa.Table:
     return pq.read_table(path)
 
 
+def text_column(names) -> str | None:
+    """The column holding the prompt text: `prompt`, else `text`."""
+    return next((c for c in TEXT_COLUMNS if c in names), None)
+
+
+def optional_text(value) -> str | None:
+    """An optional field's value (target, distractor, corrupt): empty is absent."""
+    return None if value in (None, "") else str(value)
+
+
 def prompts_from_arrow(table: pa.Table, *, source: str = "the result") -> list[PromptRow]:
     """Rows from an Arrow table with a `prompt` or `text` column (and optional target, distractor,
     corrupt)."""
-    text_col = next((c for c in TEXT_COLUMNS if c in table.column_names), None)
+    text_col = text_column(table.column_names)
     if text_col is None:
         raise TdbqlError(
             f"{source} has no 'prompt' or 'text' column (columns: {', '.join(table.column_names) or 'none'})"
@@ -92,7 +102,7 @@ def prompts_from_arrow(table: pa.Table, *, source: str = "the result") -> list[P
 def _optional_column(table: pa.Table, name: str) -> list[str | None]:
     if name not in table.column_names:
         return [None] * table.num_rows
-    return [None if v in (None, "") else str(v) for v in table.column(name).to_pylist()]
+    return [optional_text(v) for v in table.column(name).to_pylist()]
 
 
 def prompt_rows(texts: Sequence[str], corrupts: Sequence[str | None] = ()) -> list[PromptRow]:

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from ...query.context import PromptRow
 from ...query.errors import TdbqlError
-from ..prompts import OPTIONAL_COLUMNS, TEXT_COLUMNS
+from ..prompts import OPTIONAL_COLUMNS, TEXT_COLUMNS, optional_text, text_column
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 STREAM_ROWS = 4096  # rows read at a time by `stream_prompts`
@@ -151,7 +151,7 @@ def _scan_parquet(path: Path) -> tuple[int, list[str], list[Mark]]:
 
     meta = pq.ParquetFile(path)
     schema = meta.schema_arrow
-    text = next((c for c in TEXT_COLUMNS if c in schema.names), None)
+    text = text_column(schema.names)
     if text is not None and not (pa.types.is_string(schema.field(text).type)
                                  or pa.types.is_large_string(schema.field(text).type)):
         raise TdbqlError(f"'{path}': column {text} is {schema.field(text).type}, not text")
@@ -364,7 +364,7 @@ def _read_csv(data: DataFile, start: int, stop: int) -> list[RawRow]:
 def _row(index: int, where: str, values: dict, *, typed: bool) -> RawRow:
     """A row's prompt fields and extras; `typed` (Parquet) keeps extra values as they are, else
     they are text (JSON values other than strings as their JSON)."""
-    text_col = next((c for c in TEXT_COLUMNS if c in values), None)
+    text_col = text_column(values)
     if text_col is None:
         return RawRow(index, where, error="no 'prompt' value")
     text = values[text_col]
@@ -373,8 +373,7 @@ def _row(index: int, where: str, values: dict, *, typed: bool) -> RawRow:
         return RawRow(index, where, error=f"its {text_col} is {what}")
     fields: dict[str, str | None] = {"prompt": text}
     for name in OPTIONAL_COLUMNS:
-        value = values.get(name)
-        fields[name] = None if value in (None, "") else str(value)
+        fields[name] = optional_text(values.get(name))
     used = {text_col, *OPTIONAL_COLUMNS}
     extras = {k: (v if typed or v is None or isinstance(v, str) else json.dumps(v))
               for k, v in values.items() if k not in used}
